@@ -101,6 +101,7 @@ class Config:
     eval_steps: int = 20  # PGD-20 (Sec. 4)
     eval_every: int = 10  # PGD accuracy every this many epochs (and always after the last)
     eval_n: int | None = None  # evaluate on the first N test images; default the whole test split
+    aa_n: int = 0  # after training, standard AutoAttack on the first N test images (paper: 10000); 0: off
     log_every: int = 50  # steps between progress lines
     # AR-AT (Eqs. 3-8, Sec. 3.5)
     variant: str = "v3"  # v0 | v1 | v2 | v3 (Table 17); v3 is AR-AT
@@ -146,7 +147,7 @@ def resolve(cfg: Config) -> Config:
     for flag, value, low in [("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 2),
                              ("--attack-steps", cfg.attack_steps, 1), ("--eval-steps", cfg.eval_steps, 1),
                              ("--eval-every", cfg.eval_every, 1), ("--log-every", cfg.log_every, 1),
-                             ("--workers", cfg.workers, 0), ("--balance-n", cfg.balance_n, 1),
+                             ("--workers", cfg.workers, 0), ("--balance-n", cfg.balance_n, 1), ("--aa-n", cfg.aa_n, 0),
                              ("--max-steps", cfg.max_steps, 1), ("--eval-n", cfg.eval_n, 1),
                              ("--image-size", cfg.image_size, 8)]:
         if value is not None and value < low:
@@ -630,6 +631,34 @@ def robust_accuracy(model, loader, device, eps, step_size, steps, norm):
     return 100.0 * float(correct) / max(total, 1)
 
 
+def load_autoattack():
+    """AutoAttack (Croce & Hein, 2020): the original package (`autoattack`, installed from its repository) when
+    present, else its PyPI repackaging `pyautoattack`, whose API is keyword-only."""
+    try:
+        from autoattack import AutoAttack
+
+        return AutoAttack, True
+    except ImportError:
+        from pyautoattack import AutoAttack
+
+        return AutoAttack, False
+
+
+def autoattack_accuracy(model, loader, device, eps, norm, n):
+    """Percent of the first n images of `loader` still correct under standard AutoAttack, main BNs, fp32."""
+    AutoAttack, original = load_autoattack()
+    xs, ys = zip(*[(x, y) for x, y in loader])
+    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
+    with train_mode(model, False):
+        adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
+                               device=device)
+        if original:
+            _, y_adv = adversary.run_standard_evaluation(x, y, bs=loader.batch_size, return_labels=True)
+        else:
+            _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=loader.batch_size)
+    return 100.0 * (y_adv.cpu() == y).float().mean().item()
+
+
 def save_checkpoint(state: dict, path: Path):
     """Write to a temporary file, then rename: an interrupted save never destroys the previous checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -654,6 +683,9 @@ def run(cfg: Config) -> dict:
     if not cfg.resume and ckpt_path.exists():
         raise ConfigError(f"--out: {out} already holds a run; add --resume to continue it, or choose another --out")
     train_set, test_set, num_classes = load_data(cfg)
+    if cfg.aa_n and num_classes < 10:
+        raise ConfigError(f"--aa-n: standard AutoAttack needs at least 10 classes (9 target classes), "
+                          f"the data has {num_classes}")
 
     model = build_model(cfg.arch, num_classes, cfg.split_bn).to(device)
     tap = FeatureTap(model, cfg.layers.split(",") if cfg.layers else [])
@@ -782,10 +814,14 @@ def run(cfg: Config) -> dict:
                "n_eval": n_eval, "norm": cfg.norm, "eval_eps": cfg.eval_eps, "eval_step_size": cfg.eval_step_size,
                "epochs": last["epoch"], "steps": last["step"], "variant": variant_label(
                    cfg.stop_grad, cfg.predictor, cfg.split_bn), "config": dataclasses.asdict(cfg)}
+    if cfg.aa_n:
+        metrics["aa_acc"] = autoattack_accuracy(model, test_loader, device, cfg.eval_eps, cfg.norm, cfg.aa_n)
+        metrics["n_aa"] = min(cfg.aa_n, n_eval)
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=1)
-    print(f"final: clean {metrics['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {metrics[pgd_key]:.2f}%  "
-          f"on {n_eval} test images -> {out / 'metrics.json'}", flush=True)
+    print(f"final: clean {metrics['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {metrics[pgd_key]:.2f}%  on {n_eval} test "
+          "images" + (f"  AutoAttack {metrics['aa_acc']:.2f}% on {metrics['n_aa']}" if cfg.aa_n else "")
+          + f" -> {out / 'metrics.json'}", flush=True)
     return metrics
 
 

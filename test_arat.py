@@ -368,6 +368,8 @@ BAD_INPUTS = {
     "cifar resized": (["--image-size", "64"], "--image-size: CIFAR images are 32x32"),
     "cifar missing offline": (["--no-download", "--data-dir", "{tmp}"], "--dataset cifar10: not found in"),
     "resume without checkpoint": (["--resume", "--out", "{tmp}/none"], "--resume: there is no checkpoint at"),
+    "autoattack on 3 classes": (["--dataset", "{tiny}", "--image-size", "16", "--out", "{tmp}/run", "--aa-n", "8"],
+                                "--aa-n: standard AutoAttack needs at least 10 classes"),
     "unknown layer": (["--dataset", "{tiny}", "--image-size", "16", "--out", "{tmp}/run", "--layers", "layer4.0.bn9"],
                       "--layers: the model has no module 'layer4.0.bn9'; did you mean layer4.0.bn2, layer4.0.bn1"),
 }
@@ -382,3 +384,14 @@ def test_bad_input_exits_2_with_a_one_line_message(case, tiny, tmp_path, capsys)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and err.startswith("arat.py: error: ") and message in err, err
+
+
+def test_autoattack_breaks_what_pgd_breaks_on_a_non_robust_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(16, 3, 8, 8)
+    y = model(x).argmax(1)  # 100% clean accuracy by construction
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    pgd_acc = arat.robust_accuracy(model, loader, "cpu", 1 / 255, 0.25 / 255, 20, "linf")
+    aa_acc = arat.autoattack_accuracy(model, loader, "cpu", 1 / 255, "linf", 16)
+    assert 0 < aa_acc <= pgd_acc < 100  # a budget small enough that some points survive both
