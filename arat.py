@@ -103,6 +103,7 @@ class Config:
     eval_n: int | None = None  # evaluate on the first N test images; default the whole test split
     aa_n: int = 0  # after training, standard AutoAttack on the first N test images (paper: 10000); 0: off
     log_every: int = 50  # steps between progress lines
+    grad_sim_every: int = 0  # measure Grad-sim (Table 17) every this many steps; 0: off (costs two backward passes)
     # AR-AT (Eqs. 3-8, Sec. 3.5)
     variant: str = "v3"  # v0 | v1 | v2 | v3 (Table 17); v3 is AR-AT
     stop_grad: bool | None = None  # sg(z) in the invariance loss (Eq. 4); default from --variant
@@ -125,12 +126,14 @@ def _one_of(flag, value, choices):
         raise ConfigError(f"{flag}: invalid choice {value!r} (choose from {', '.join(choices)})")
 
 
-def variant_label(stop_grad, predictor, split_bn):
-    """The Table 17 preset that these switches match, else a label naming them."""
+def method_label(cfg: Config):
+    """"at" for plain adversarial training, else the Table 17 preset the switches match, else the switches."""
+    if cfg.gamma == 0 and not cfg.auto_balance and cfg.beta == 0:
+        return "at"
     for name, switches in VARIANTS.items():
-        if switches == (stop_grad, predictor, split_bn):
+        if switches == (cfg.stop_grad, cfg.predictor, cfg.split_bn):
             return name
-    return f"sg{int(stop_grad)}-pred{int(predictor)}-sbn{int(split_bn)}"
+    return f"sg{int(cfg.stop_grad)}-pred{int(cfg.predictor)}-sbn{int(cfg.split_bn)}"
 
 
 def resolve(cfg: Config) -> Config:
@@ -148,6 +151,7 @@ def resolve(cfg: Config) -> Config:
                              ("--attack-steps", cfg.attack_steps, 1), ("--eval-steps", cfg.eval_steps, 1),
                              ("--eval-every", cfg.eval_every, 1), ("--log-every", cfg.log_every, 1),
                              ("--workers", cfg.workers, 0), ("--balance-n", cfg.balance_n, 1), ("--aa-n", cfg.aa_n, 0),
+                             ("--grad-sim-every", cfg.grad_sim_every, 0),
                              ("--max-steps", cfg.max_steps, 1), ("--eval-n", cfg.eval_n, 1),
                              ("--image-size", cfg.image_size, 8)]:
         if value is not None and value < low:
@@ -183,16 +187,15 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError("--layers: give at least one module name, or --gamma 0 for no invariance term")
     eps, step = THREATS[cfg.norm]
     name = Path(cfg.dataset).name if cfg.dataset not in DATASETS else cfg.dataset
-    label = variant_label(sg, pred, split)
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg, stop_grad=sg, predictor=pred, split_bn=split, gamma=gamma,
         layers=",".join(layers) if gamma > 0 else "",  # gamma = 0 is plain AT: nothing to capture
         device=device, amp=cfg.amp or ("bf16" if bf16_supported(device_type) else "off"),
         image_size=cfg.image_size or (32 if cfg.dataset in ("cifar10", "cifar100") else 160),
         eps=cfg.eps or eps, step_size=cfg.step_size or step,
         eval_eps=cfg.eval_eps or eps, eval_step_size=cfg.eval_step_size or step,
-        alpha=1.0 if cfg.alpha is None else cfg.alpha, beta=1.0 if cfg.beta is None else cfg.beta,
-        out=cfg.out or f"runs/{name}-{cfg.arch}-{label}-s{cfg.seed}")
+        alpha=1.0 if cfg.alpha is None else cfg.alpha, beta=1.0 if cfg.beta is None else cfg.beta)
+    return dataclasses.replace(cfg, out=cfg.out or f"runs/{name}-{cfg.arch}-{method_label(cfg)}-s{cfg.seed}")
 
 
 def bf16_supported(device_type):
@@ -594,6 +597,17 @@ def train_step(model, predictors, tap, x, y, cfg: Config, alpha, beta):
     return loss, terms
 
 
+def gradient_similarity(cls_loss, inv_loss, weights):
+    """Grad-sim of Table 17 / Fig. 2: cosine between the gradients of the classification loss
+    (alpha CE' + beta CE) and of the invariance loss w.r.t. the Conv2d/Linear weights, and the fraction of those
+    weights whose two gradients have opposite signs ("gradient conflict")."""
+    g_cls = torch.autograd.grad(cls_loss, weights, retain_graph=True, allow_unused=True)
+    g_inv = torch.autograd.grad(inv_loss, weights, retain_graph=True, allow_unused=True)
+    pairs = [(a.flatten().float(), b.flatten().float()) for a, b in zip(g_cls, g_inv) if a is not None and b is not None]
+    a, b = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])  # layers after the taps get no inv grad
+    return F.cosine_similarity(a, b, dim=0), (a * b < 0).float().mean()
+
+
 def lr_factor(epoch: int, epochs: int, official_quirks: bool = False) -> float:
     """Sec. 4: lr / 10 at 75% and at 90% of training (epochs 75 and 90 of 100); `epoch` counts from 0."""
     if official_quirks:  # released: epoch 1 at lr / 5, then the schedule one epoch late
@@ -691,6 +705,7 @@ def run(cfg: Config) -> dict:
     tap = FeatureTap(model, cfg.layers.split(",") if cfg.layers else [])
     dims = tap.dims(model, cfg.image_size, device)
     predictors = nn.ModuleList(make_predictor(d) if cfg.predictor else nn.Identity() for d in dims).to(device)
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # theta of Grad-sim
     optimizer = torch.optim.SGD([*model.parameters(), *predictors.parameters()], lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -760,10 +775,14 @@ def run(cfg: Config) -> dict:
         model.train()
         predictors.train()
         sums, n_steps, log_start, log_step = {}, 0, time.time(), step
+        sims = []
         for i, (x, y) in enumerate(train_loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
                 loss, terms = train_step(model, predictors, tap, x, y, cfg, alpha, beta)
+            if cfg.grad_sim_every and step % cfg.grad_sim_every == 0 and "inv" in terms:
+                cls_loss = alpha * terms["ce_adv"] + beta * terms.get("ce_clean", 0)
+                sims.append(torch.stack(gradient_similarity(cls_loss, terms["inv"], weights)))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -792,6 +811,7 @@ def run(cfg: Config) -> dict:
         rec = {"epoch": epoch + 1, "step": step, "lr": lr, "alpha": alpha, "beta": beta, "balance_acc": 100 * acc,
                **{k: (v / n_steps).item() * (100 if k.startswith("acc") else 1) for k, v in sums.items()},
                **evaluate(with_pgd=(epoch + 1) % cfg.eval_every == 0 or final),
+               **(dict(zip(("grad_sim", "conflict_frac"), torch.stack(sims).mean(0).tolist())) if sims else {}),
                "images_per_s": n_steps * cfg.batch_size / (time.time() - epoch_start), "time": time.time() - run_start}
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -812,8 +832,7 @@ def run(cfg: Config) -> dict:
     pgd_key = f"pgd{cfg.eval_steps}_acc"
     metrics = {"clean_acc": last["clean_acc"], "clean_acc_aux": last["clean_acc_aux"], pgd_key: last[pgd_key],
                "n_eval": n_eval, "norm": cfg.norm, "eval_eps": cfg.eval_eps, "eval_step_size": cfg.eval_step_size,
-               "epochs": last["epoch"], "steps": last["step"], "variant": variant_label(
-                   cfg.stop_grad, cfg.predictor, cfg.split_bn), "config": dataclasses.asdict(cfg)}
+               "epochs": last["epoch"], "steps": last["step"], "method": method_label(cfg), "config": dataclasses.asdict(cfg)}
     if cfg.aa_n:
         metrics["aa_acc"] = autoattack_accuracy(model, test_loader, device, cfg.eval_eps, cfg.norm, cfg.aa_n)
         metrics["n_aa"] = min(cfg.aa_n, n_eval)

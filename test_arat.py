@@ -254,6 +254,21 @@ def test_features_are_captured_only_in_the_loss_passes_not_in_attack_steps():
     assert seen == [False] * 4 + [True, True]
 
 
+def test_gradient_similarity_is_plus_one_for_aligned_and_minus_one_for_opposed_losses():
+    model = TinyNet()
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    loss = model(torch.rand(4, 3, 8, 8)).square().mean()
+    sim, conflict = arat.gradient_similarity(loss, 2 * loss, weights)
+    assert sim == pytest.approx(1, abs=1e-5) and conflict == 0
+    sim, conflict = arat.gradient_similarity(loss, -loss, weights)
+    assert sim == pytest.approx(-1, abs=1e-5) and conflict > 0.9  # all weights with a non-zero gradient
+
+
+def test_plain_at_runs_are_labelled_at():
+    cfg = arat.resolve(arat.parse_args(["--gamma", "0", "--no-auto-balance", "--alpha", "1", "--beta", "0"]))
+    assert cfg.out == "runs/cifar10-resnet18-at-s0" and cfg.layers == ""
+
+
 def test_plain_at_skips_the_clean_pass():
     model = tiny_model().train()
     cfg = arat.resolve(arat.Config(dataset="cifar10", gamma=0, auto_balance=False, alpha=1, beta=0, attack_steps=1))
@@ -309,7 +324,8 @@ def test_lr_schedule_drops_at_75_and_90_percent_and_quirks_shift_it():
 
 @pytest.mark.parametrize("variant", ["v0", "v1", "v2", "v3"])
 def test_main_smoke_run_of_each_variant_writes_all_outputs(tiny, tmp_path, variant):
-    metrics = arat.main(cli(tiny, tmp_path / variant, "--variant", variant, "--epochs", "3", "--max-steps", "4"))
+    metrics = arat.main(cli(tiny, tmp_path / variant, "--variant", variant, "--epochs", "3", "--max-steps", "4",
+                           "--grad-sim-every", "1"))
     out = tmp_path / variant
     assert {p.name for p in out.iterdir()} == {"log.jsonl", "last.pt", "metrics.json"}
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
@@ -318,6 +334,7 @@ def test_main_smoke_run_of_each_variant_writes_all_outputs(tiny, tmp_path, varia
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["step"] == 4  # 3 steps per epoch
     for r in log:
         assert all(math.isfinite(r[k]) for k in ("loss", "ce_adv", "ce_clean", "inv"))
+        assert -1 <= r["grad_sim"] <= 1 and 0 <= r["conflict_frac"] <= 1
         assert r["alpha"] + r["beta"] == pytest.approx(1) and r["alpha"] == pytest.approx(r["balance_acc"] / 100)
     assert (log[-1]["clean_acc_aux"] is None) == (variant != "v3")
     ckpt = torch.load(out / "last.pt", weights_only=False)
