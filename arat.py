@@ -45,22 +45,26 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-# ----------------------------------------------------------------------------------------------------------- Config
+# --------------------------------------------------------------------------------------------------------------- Config
 
+# fmt: off
 #          stop_grad predictor split_bn     (paper Table 17)
 VARIANTS = {"v0": (False, False, False),  # Eq. 3, naive siamese invariance
             "v1": (True, False, False),  # Eq. 4, + stop-gradient
             "v2": (True, True, False),  # Eq. 6, + predictor h
             "v3": (True, True, True)}  # Eq. 7, + split BN: AR-AT
+# fmt: on
 
 _WRN_TAPS = tuple(f"layer3.{b}.bn{i}" for b in range(5) for i in (1, 2)) + ("bn",)
 #             gamma  regularised layers: ReLU of these outputs, pooled (as released; see README)
-ARCHS = {"resnet18": (30.0, ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2")),
-         "preact18": (30.0, ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2", "bn")),
-         "wrn34": (100.0, _WRN_TAPS)}
+ARCHS = {
+    "resnet18": (30.0, ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2")),
+    "preact18": (30.0, ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2", "bn")),
+    "wrn34": (100.0, _WRN_TAPS),
+}
 DATASETS = ("cifar10", "cifar100", "imagenette")
 # Default threat models (Sec. 4, Appendix E): (eps, step size)
 THREATS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.125)}
@@ -117,6 +121,15 @@ class Config:
     balance_n: int = 1000  # training images on which Acc of Eq. 8 is measured (as released)
 
 
+# fmt: off
+# Smallest valid value of each numeric flag, and the flags that must be positive (checked by `resolve`).
+MINIMUM = {"epochs": 1, "batch_size": 2, "attack_steps": 1, "eval_steps": 1, "eval_every": 1, "log_every": 1,
+           "max_steps": 1, "eval_n": 1, "balance_n": 1, "image_size": 8, "workers": 0, "aa_n": 0,
+           "grad_sim_every": 0, "gamma": 0, "alpha": 0, "beta": 0, "weight_decay": 0, "momentum": 0}
+POSITIVE = ("lr", "eps", "step_size", "eval_eps", "eval_step_size")
+# fmt: on
+
+
 class ConfigError(ValueError):
     """A bad flag or input: reported as one line and exit code 2, never a traceback."""
 
@@ -127,7 +140,7 @@ def _one_of(flag, value, choices):
 
 
 def method_label(cfg: Config):
-    """"at" for plain adversarial training, else the Table 17 preset the switches match, else the switches."""
+    """The run's name: "at" for plain AT, else the Table 17 preset that the switches match, else the switches."""
     if cfg.gamma == 0 and not cfg.auto_balance and cfg.beta == 0:
         return "at"
     for name, switches in VARIANTS.items():
@@ -145,30 +158,23 @@ def resolve(cfg: Config) -> Config:
     if cfg.amp is not None:
         _one_of("--amp", cfg.amp, ["bf16", "fp16", "off"])
     if cfg.dataset not in DATASETS and not Path(cfg.dataset).is_dir():
-        raise ConfigError(f"--dataset: {cfg.dataset!r} is neither one of {', '.join(DATASETS)} "
-                          "nor a folder with train/ and val/ class subfolders")
-    for flag, value, low in [("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 2),
-                             ("--attack-steps", cfg.attack_steps, 1), ("--eval-steps", cfg.eval_steps, 1),
-                             ("--eval-every", cfg.eval_every, 1), ("--log-every", cfg.log_every, 1),
-                             ("--workers", cfg.workers, 0), ("--balance-n", cfg.balance_n, 1), ("--aa-n", cfg.aa_n, 0),
-                             ("--grad-sim-every", cfg.grad_sim_every, 0),
-                             ("--max-steps", cfg.max_steps, 1), ("--eval-n", cfg.eval_n, 1),
-                             ("--image-size", cfg.image_size, 8)]:
-        if value is not None and value < low:
-            raise ConfigError(f"{flag}: must be at least {low}, got {value}")
-    for flag, value in [("--lr", cfg.lr), ("--eps", cfg.eps), ("--step-size", cfg.step_size),
-                        ("--eval-eps", cfg.eval_eps), ("--eval-step-size", cfg.eval_step_size)]:
-        if value is not None and not value > 0:
-            raise ConfigError(f"{flag}: must be positive, got {value}")
-    for flag, value in [("--gamma", cfg.gamma), ("--alpha", cfg.alpha), ("--beta", cfg.beta),
-                        ("--weight-decay", cfg.weight_decay), ("--momentum", cfg.momentum)]:
-        if value is not None and value < 0:
-            raise ConfigError(f"{flag}: must be non-negative, got {value}")
+        raise ConfigError(
+            f"--dataset: {cfg.dataset!r} is neither one of {', '.join(DATASETS)} "
+            "nor a folder with train/ and val/ class subfolders"
+        )
+    for name, low in MINIMUM.items():
+        if (value := getattr(cfg, name)) is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
+    for name in POSITIVE:
+        if (value := getattr(cfg, name)) is not None and not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
     if cfg.auto_balance and (cfg.alpha is not None or cfg.beta is not None):
         raise ConfigError("--alpha/--beta: fixed weights need --no-auto-balance (auto-balance sets them, Eq. 8)")
     if cfg.dataset in ("cifar10", "cifar100") and cfg.image_size not in (None, 32):
-        raise ConfigError(f"--image-size: CIFAR images are 32x32, got {cfg.image_size}; resize applies to "
-                          "imagenette and folder datasets")
+        raise ConfigError(
+            f"--image-size: CIFAR images are 32x32, got {cfg.image_size}; resize applies to "
+            "imagenette and folder datasets"
+        )
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device_type = torch.device(device).type
@@ -179,8 +185,10 @@ def resolve(cfg: Config) -> Config:
     if cfg.amp == "fp16" and device_type not in ("cuda", "cpu"):
         raise ConfigError(f"--amp: fp16 is supported on cuda and cpu, not {device_type}")
 
-    sg, pred, split = (default if given is None else given for given, default in
-                       zip((cfg.stop_grad, cfg.predictor, cfg.split_bn), VARIANTS[cfg.variant]))
+    sg, pred, split = (
+        default if given is None else given
+        for given, default in zip((cfg.stop_grad, cfg.predictor, cfg.split_bn), VARIANTS[cfg.variant])
+    )
     gamma = ARCHS[cfg.arch][0] if cfg.gamma is None else cfg.gamma
     layers = ARCHS[cfg.arch][1] if cfg.layers is None else tuple(n.strip() for n in cfg.layers.split(",") if n.strip())
     if gamma > 0 and not layers:
@@ -188,13 +196,22 @@ def resolve(cfg: Config) -> Config:
     eps, step = THREATS[cfg.norm]
     name = Path(cfg.dataset).name if cfg.dataset not in DATASETS else cfg.dataset
     cfg = dataclasses.replace(
-        cfg, stop_grad=sg, predictor=pred, split_bn=split, gamma=gamma,
+        cfg,
+        stop_grad=sg,
+        predictor=pred,
+        split_bn=split,
+        gamma=gamma,
         layers=",".join(layers) if gamma > 0 else "",  # gamma = 0 is plain AT: nothing to capture
-        device=device, amp=cfg.amp or ("bf16" if bf16_supported(device_type) else "off"),
+        device=device,
+        amp=cfg.amp or ("bf16" if bf16_supported(device_type) else "off"),
         image_size=cfg.image_size or (32 if cfg.dataset in ("cifar10", "cifar100") else 160),
-        eps=cfg.eps or eps, step_size=cfg.step_size or step,
-        eval_eps=cfg.eval_eps or eps, eval_step_size=cfg.eval_step_size or step,
-        alpha=1.0 if cfg.alpha is None else cfg.alpha, beta=1.0 if cfg.beta is None else cfg.beta)
+        eps=cfg.eps or eps,
+        step_size=cfg.step_size or step,
+        eval_eps=cfg.eval_eps or eps,
+        eval_step_size=cfg.eval_step_size or step,
+        alpha=1.0 if cfg.alpha is None else cfg.alpha,
+        beta=1.0 if cfg.beta is None else cfg.beta,
+    )
     return dataclasses.replace(cfg, out=cfg.out or f"runs/{name}-{cfg.arch}-{method_label(cfg)}-s{cfg.seed}")
 
 
@@ -221,8 +238,9 @@ def _number(text):
 
 def parse_args(argv=None) -> Config:
     """A flag per Config field: `--batch-size` for `batch_size`; help, groups and defaults read off the Config."""
-    parser = _Parser(prog="arat.py", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="arat.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     group = parser
     for line in inspect.getsource(Config).splitlines()[1:]:
@@ -234,16 +252,22 @@ def parse_args(argv=None) -> Config:
             flag = "--" + name.replace("_", "-")
             text = (f"{text} (default: {default})" if default != "None" else text).replace("%", "%%")
             if kind in (bool, bool | None):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(Config, name),
-                                   help=text)
+                group.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=getattr(Config, name), help=text
+                )
             else:
                 base = {int | None: int, float | None: float, str | None: str}.get(kind, kind)
-                group.add_argument(flag, type=_number if base is float else base, default=getattr(Config, name),
-                                   help=text, metavar=name.upper())
+                group.add_argument(
+                    flag,
+                    type=_number if base is float else base,
+                    default=getattr(Config, name),
+                    help=text,
+                    metavar=name.upper(),
+                )
     return Config(**vars(parser.parse_args(argv)))
 
 
-# ----------------------------------------------------------------------------------------------------------- Models
+# --------------------------------------------------------------------------------------------------------------- Models
 
 
 class SplitBatchNorm2d(nn.Module):
@@ -379,8 +403,9 @@ def build_model(arch: str, num_classes: int, split_bn: bool = True) -> nn.Module
 
 def make_predictor(dim: int) -> nn.Module:
     """h_l (Sec. 3.2): SimSiam's bottleneck MLP with hidden width d/4, applied to the adversarial feature only."""
-    return nn.Sequential(nn.Linear(dim, dim // 4, bias=False), nn.BatchNorm1d(dim // 4), nn.ReLU(inplace=True),
-                         nn.Linear(dim // 4, dim))
+    return nn.Sequential(
+        nn.Linear(dim, dim // 4, bias=False), nn.BatchNorm1d(dim // 4), nn.ReLU(inplace=True), nn.Linear(dim // 4, dim)
+    )
 
 
 class FeatureTap:
@@ -391,8 +416,11 @@ class FeatureTap:
         modules = dict(model.named_modules())
         for name in names:
             if name not in modules or not name:
-                valid = [n for n, m in modules.items() if n and not isinstance(m, (nn.Conv2d, nn.Linear))
-                         and not re.search(r"\.(main|aux)$", n)]
+                valid = [
+                    n
+                    for n, m in modules.items()
+                    if n and not isinstance(m, (nn.Conv2d, nn.Linear)) and not re.search(r"\.(main|aux)$", n)
+                ]
                 close = difflib.get_close_matches(name, valid, n=3)
                 hint = f"did you mean {', '.join(close)}? " if close else ""
                 raise ConfigError(f"--layers: the model has no module {name!r}; {hint}valid names: {', '.join(valid)}")
@@ -426,7 +454,7 @@ class FeatureTap:
         return [z[n].shape[1] for n in self.names]
 
 
-# ----------------------------------------------------------------------------------------------------------- Data
+# ----------------------------------------------------------------------------------------------------------------- Data
 
 
 def _transforms(size, train, resize):
@@ -459,18 +487,23 @@ def load_data(cfg: Config):
 
             def make(train, tf):
                 return cls(root, train=train, download=cfg.download, transform=tf)
+
         try:
             train, test = make(True, train_tf), make(False, test_tf)
         except (RuntimeError, OSError) as e:  # missing with --no-download, or offline (URLError is an OSError)
             why = "--no-download was given" if not cfg.download else f"downloading it failed ({e})"
-            raise ConfigError(f"--dataset {cfg.dataset}: not found in {os.path.abspath(root)} and {why}; download "
-                              f"{url} and extract it there, or point --data-dir at it") from None
+            raise ConfigError(
+                f"--dataset {cfg.dataset}: not found in {os.path.abspath(root)} and {why}; download "
+                f"{url} and extract it there, or point --data-dir at it"
+            ) from None
         return train, test, len(train.classes)
     folders = {split: Path(cfg.dataset) / split for split in ("train", "val")}
-    for split, folder in folders.items():
+    for folder in folders.values():
         if not folder.is_dir():
-            raise ConfigError(f"--dataset: {folder} is missing; a folder dataset needs train/ and val/ "
-                              "subfolders with one folder of images per class")
+            raise ConfigError(
+                f"--dataset: {folder} is missing; a folder dataset needs train/ and val/ "
+                "subfolders with one folder of images per class"
+            )
     try:
         train = datasets.ImageFolder(folders["train"], train_tf)
         test = datasets.ImageFolder(folders["val"], test_tf)
@@ -488,8 +521,15 @@ def make_loader(dataset, cfg: Config, train: bool, indices=None):
         dataset = Subset(dataset, indices)
     # The generator is re-seeded per epoch (`seed_loader`) so that shuffling and worker augmentation seeds depend
     # only on (seed, epoch): a resumed run sees the same batches as an uninterrupted one.
-    return DataLoader(dataset, cfg.batch_size, shuffle=train, drop_last=train, num_workers=cfg.workers,
-                      pin_memory=cfg.device.startswith("cuda"), generator=torch.Generator())
+    return DataLoader(
+        dataset,
+        cfg.batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=cfg.workers,
+        pin_memory=cfg.device.startswith("cuda"),
+        generator=torch.Generator(),
+    )
 
 
 def seed_loader(loader, seed):
@@ -497,7 +537,7 @@ def seed_loader(loader, seed):
     return loader
 
 
-# ----------------------------------------------------------------------------------------------------------- Attack
+# --------------------------------------------------------------------------------------------------------------- Attack
 
 
 def _project(delta, eps, norm):
@@ -539,7 +579,7 @@ def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True):
     return (x + delta).detach()
 
 
-# ----------------------------------------------------------------------------------------------------------- Losses
+# --------------------------------------------------------------------------------------------------------------- Losses
 
 
 def invariance_loss(z_adv, z, predictor, stop_grad):
@@ -591,7 +631,7 @@ def train_step(model, predictors, tap, x, y, cfg: Config, alpha, beta):
         loss = loss + beta * ce_clean
         terms.update(ce_clean=ce_clean, acc_clean=(logits.argmax(1) == y).float().mean())
     if tap.names:  # gamma is shared evenly over the L layers (Sec. 3.5)
-        inv = sum(invariance_loss(z_adv[n], z[n], h, cfg.stop_grad) for n, h in zip(tap.names, predictors))
+        inv = sum(invariance_loss(z_adv[n], z[n], h, cfg.stop_grad) for n, h in zip(tap.names, predictors, strict=True))
         terms["inv"] = inv / len(tap.names)
         loss = loss + cfg.gamma * terms["inv"]
     return loss, terms
@@ -603,7 +643,9 @@ def gradient_similarity(cls_loss, inv_loss, weights):
     weights whose two gradients have opposite signs ("gradient conflict")."""
     g_cls = torch.autograd.grad(cls_loss, weights, retain_graph=True, allow_unused=True)
     g_inv = torch.autograd.grad(inv_loss, weights, retain_graph=True, allow_unused=True)
-    pairs = [(a.flatten().float(), b.flatten().float()) for a, b in zip(g_cls, g_inv) if a is not None and b is not None]
+    pairs = [
+        (a.flatten().float(), b.flatten().float()) for a, b in zip(g_cls, g_inv) if a is not None and b is not None
+    ]
     a, b = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])  # layers after the taps get no inv grad
     return F.cosine_similarity(a, b, dim=0), (a * b < 0).float().mean()
 
@@ -617,7 +659,7 @@ def lr_factor(epoch: int, epochs: int, official_quirks: bool = False) -> float:
     return 0.1 ** ((epoch >= round(0.75 * epochs)) + (epoch >= round(0.9 * epochs)))
 
 
-# ----------------------------------------------------------------------------------------------------------- Train / evaluate
+# ----------------------------------------------------------------------------------------------------- Train / evaluate
 
 
 @torch.no_grad()
@@ -664,8 +706,9 @@ def autoattack_accuracy(model, loader, device, eps, norm, n):
     xs, ys = zip(*[(x, y) for x, y in loader])
     x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
     with train_mode(model, False):
-        adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
-                               device=device)
+        adversary = AutoAttack(
+            model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard", device=device
+        )
         if original:
             _, y_adv = adversary.run_standard_evaluation(x, y, bs=loader.batch_size, return_labels=True)
         else:
@@ -680,14 +723,100 @@ def save_checkpoint(state: dict, path: Path):
     os.replace(tmp, path)
 
 
-def _clock(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+class Progress:
+    """The live line: rewritten in place on a terminal, one line per update in a log file; images/s and ETA."""
+
+    def __init__(self, total_steps, step, batch_size):
+        self.total, self.batch_size, self.tty = total_steps, batch_size, sys.stdout.isatty()
+        self.start, self.step0 = time.time(), step
+        self.last_time, self.last_step = self.start, step
+
+    def update(self, step, text):
+        now = time.time()
+        rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+        eta = (self.total - step) * (now - self.start) / max(step - self.step0, 1)
+        line = f"{text} | {rate:.0f} img/s | ETA {self.clock(eta)}"
+        print(f"\r{line}", end="", flush=True) if self.tty else print(line, flush=True)
+        self.last_time, self.last_step = now, step
+
+    def end_line(self):
+        if self.tty:
+            print()
+
+    @staticmethod
+    def clock(seconds):
+        seconds = int(seconds)
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_epoch(parts, tap, loader, autocast, cfg, alpha, beta, step, progress, epoch):
+    """One epoch of Eq. 7 steps; returns the epoch's mean loss terms (accuracies in percent) and the step count."""
+    model, predictors, optimizer, scaler = (parts[k] for k in ("model", "predictors", "optimizer", "scaler"))
+    model.train()
+    predictors.train()
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # theta of Grad-sim
+    sums, sims, n = {}, [], 0
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
+        with autocast():
+            loss, terms = train_step(model, predictors, tap, x, y, cfg, alpha, beta)
+        if cfg.grad_sim_every and step % cfg.grad_sim_every == 0 and "inv" in terms:
+            cls_loss = alpha * terms["ce_adv"] + beta * terms.get("ce_clean", 0)
+            sims.append(torch.stack(gradient_similarity(cls_loss, terms["inv"], weights)))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        step, n = step + 1, n + 1
+        for k, v in {"loss": loss, **terms}.items():  # summed on the device: the host syncs only at log points
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        stop = step == cfg.max_steps
+        if step % cfg.log_every == 0 or i + 1 == len(loader) or stop:
+            m = {k: (v / n).item() for k, v in sums.items()}
+            terms_text = (
+                f"loss {m['loss']:.3f} ce' {m['ce_adv']:.3f} ce {m.get('ce_clean', 0):.3f} inv {m.get('inv', 0):.3f}"
+            )
+            progress.update(
+                step,
+                f"ep {epoch + 1}/{cfg.epochs} step {i + 1}/{len(loader)} | {terms_text} | a {alpha:.3f} b {beta:.3f}",
+            )
+        if stop:
+            break
+    progress.end_line()
+    means = {k: (v / n).item() * (100 if k.startswith("acc") else 1) for k, v in sums.items()}
+    if sims:
+        means["grad_sim"], means["conflict_frac"] = torch.stack(sims).mean(0).tolist()
+    return means, step
+
+
+def rng_states(device):
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+
+
+# Flags that may differ when a run is resumed; any other difference from the checkpoint's config is refused.
+RESUMABLE_CHANGES = set("resume device workers log_every max_steps eval_every eval_n aa_n grad_sim_every".split())
+RESUMABLE_CHANGES |= {"data_dir", "download"}
+
+
+def load_checkpoint(path, cfg, parts):
+    """Restore every part (model, predictors, optimizer, scheduler, scaler) and the RNGs; returns (epoch, step)."""
+    ckpt = torch.load(path, map_location=cfg.device, weights_only=False)
+    for k, v in ckpt["config"].items():
+        if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v:
+            flag, now = "--" + k.replace("_", "-"), getattr(cfg, k)
+            raise ConfigError(f"--resume: {path} was trained with {flag} {v}, not {now}; resume with the same settings")
+    for name, part in parts.items():
+        part.load_state_dict(ckpt[name])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    random.setstate(ckpt["rng"]["python"])
+    if ckpt["rng"]["cuda"] is not None and cfg.device.startswith("cuda"):
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+    return ckpt["epoch"], ckpt["step"]
 
 
 def run(cfg: Config) -> dict:
-    """Train AR-AT as configured (cfg already resolved), write <out>/{log.jsonl,last.pt,metrics.json}."""
-    device = torch.device(cfg.device)
+    """Train as configured (cfg already resolved); write <out>/log.jsonl, last.pt and metrics.json."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
@@ -698,149 +827,96 @@ def run(cfg: Config) -> dict:
         raise ConfigError(f"--out: {out} already holds a run; add --resume to continue it, or choose another --out")
     train_set, test_set, num_classes = load_data(cfg)
     if cfg.aa_n and num_classes < 10:
-        raise ConfigError(f"--aa-n: standard AutoAttack needs at least 10 classes (9 target classes), "
-                          f"the data has {num_classes}")
+        raise ConfigError(f"--aa-n: standard AutoAttack needs at least 10 classes (9 targets), not {num_classes}")
 
+    device = torch.device(cfg.device)
     model = build_model(cfg.arch, num_classes, cfg.split_bn).to(device)
     tap = FeatureTap(model, cfg.layers.split(",") if cfg.layers else [])
     dims = tap.dims(model, cfg.image_size, device)
     predictors = nn.ModuleList(make_predictor(d) if cfg.predictor else nn.Identity() for d in dims).to(device)
-    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # theta of Grad-sim
-    optimizer = torch.optim.SGD([*model.parameters(), *predictors.parameters()], lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, epochs=cfg.epochs, official_quirks=cfg.official_quirks))
+    params = [*model.parameters(), *predictors.parameters()]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    schedule = functools.partial(lr_factor, epochs=cfg.epochs, official_quirks=cfg.official_quirks)
     # One place for precision: bf16 autocast needs no loss scaling; fp16 needs GradScaler (and pgd scales its loss).
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-
-    start_epoch = step = 0
-    if cfg.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        fixed = {"resume", "device", "workers", "log_every", "max_steps", "eval_every", "eval_n", "data_dir", "download"}
-        changed = [k for k, v in ckpt["config"].items() if k not in fixed and getattr(cfg, k) != v]
-        if changed:
-            k = changed[0]
-            raise ConfigError(f"--resume: {ckpt_path} was trained with --{k.replace('_', '-')} {ckpt['config'][k]}, "
-                              f"not {getattr(cfg, k)}; resume with the same settings")
-        model.load_state_dict(ckpt["model"])
-        predictors.load_state_dict(ckpt["predictors"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        random.setstate(ckpt["rng"]["python"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+    parts = {
+        "model": model,
+        "predictors": predictors,
+        "optimizer": optimizer,
+        "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        "scaler": torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+    }  # everything last.pt holds
+    start_epoch, step = load_checkpoint(ckpt_path, cfg, parts) if cfg.resume else (0, 0)
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(dataclasses.asdict(cfg), indent=1), flush=True)
 
     train_loader = make_loader(train_set, cfg, train=True)
-    test_loader = make_loader(test_set, cfg, train=False, indices=range(min(cfg.eval_n or math.inf, len(test_set))))
-    n_eval = len(test_loader.dataset)
-    steps_per_epoch = len(train_loader)
-    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
-    if steps_per_epoch == 0:
+    if len(train_loader) == 0:
         raise ConfigError(f"--batch-size: {cfg.batch_size} is larger than the {len(train_set)} training images")
-    tty = sys.stdout.isatty()
-    run_start, run_step0 = time.time(), step
+    test_loader = make_loader(test_set, cfg, train=False, indices=range(min(cfg.eval_n or math.inf, len(test_set))))
+    progress = Progress(min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf), step, cfg.batch_size)
+    pgd_key = f"pgd{cfg.eval_steps}_acc"
 
     def evaluate(with_pgd):
         with autocast():
-            rec = {"clean_acc": clean_accuracy(model, test_loader, device, "main"),
-                   "clean_acc_aux": clean_accuracy(model, test_loader, device, "aux") if cfg.split_bn else None}
+            rec = {"clean_acc": clean_accuracy(model, test_loader, device, "main")}
+            rec["clean_acc_aux"] = clean_accuracy(model, test_loader, device, "aux") if cfg.split_bn else None
             if with_pgd:
-                rec[f"pgd{cfg.eval_steps}_acc"] = robust_accuracy(model, test_loader, device, cfg.eval_eps,
-                                                                  cfg.eval_step_size, cfg.eval_steps, cfg.norm)
+                attack = (cfg.eval_eps, cfg.eval_step_size, cfg.eval_steps, cfg.norm)
+                rec[pgd_key] = robust_accuracy(model, test_loader, device, *attack)
         return rec
 
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps and step >= cfg.max_steps:
             break
-        epoch_start = time.time()
-        seed = cfg.seed * 1_000_003 + epoch
-        seed_loader(train_loader, seed)
+        epoch_start, seed = time.time(), cfg.seed * 1_000_003 + epoch
         # Eq. 8 with Acc of the model before this epoch, in eval mode through the auxiliary BNs, on ~1000 augmented
         # training images as released (epoch 1 starts near chance, so beta ~ 1 at first). They are drawn afresh each
         # epoch: folder datasets are stored class by class, so "the first 1000" would be one or two classes.
-        sample = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:cfg.balance_n]
+        sample = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[: cfg.balance_n]
         balance_loader = seed_loader(make_loader(train_set, cfg, train=False, indices=sample.tolist()), seed)
         with autocast():
             acc = clean_accuracy(model, balance_loader, device, "aux") / 100
         alpha, beta = auto_balance(acc) if cfg.auto_balance else (cfg.alpha, cfg.beta)
         lr = optimizer.param_groups[0]["lr"]
 
-        model.train()
-        predictors.train()
-        sums, n_steps, log_start, log_step = {}, 0, time.time(), step
-        sims = []
-        for i, (x, y) in enumerate(train_loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                loss, terms = train_step(model, predictors, tap, x, y, cfg, alpha, beta)
-            if cfg.grad_sim_every and step % cfg.grad_sim_every == 0 and "inv" in terms:
-                cls_loss = alpha * terms["ce_adv"] + beta * terms.get("ce_clean", 0)
-                sims.append(torch.stack(gradient_similarity(cls_loss, terms["inv"], weights)))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step, n_steps = step + 1, n_steps + 1
-            for k, v in {"loss": loss, **terms}.items():  # stays on the device: no host sync per step
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            last = i + 1 == steps_per_epoch or step == cfg.max_steps
-            if step % cfg.log_every == 0 or last:
-                rate = (step - log_step) * cfg.batch_size / max(time.time() - log_start, 1e-9)
-                done = (step - run_step0) / max(time.time() - run_start, 1e-9)
-                eta = (total_steps - step) / max(done, 1e-9)
-                means = {k: (v / n_steps).item() for k, v in sums.items()}
-                line = (f"ep {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} | loss {means['loss']:.3f} "
-                        f"ce' {means['ce_adv']:.3f} ce {means.get('ce_clean', 0):.3f} inv {means.get('inv', 0):.3f}"
-                        f" | a {alpha:.3f} b {beta:.3f} | {rate:.0f} img/s | ETA {_clock(eta)}")
-                print(f"\r{line}", end="", flush=True) if tty else print(line, flush=True)
-                log_start, log_step = time.time(), step
-            if step == cfg.max_steps:
-                break
-        if tty:
-            print()
-        scheduler.step()
+        train_start, step_before = time.time(), step
+        loader = seed_loader(train_loader, seed)
+        means, step = train_epoch(parts, tap, loader, autocast, cfg, alpha, beta, step, progress, epoch)
+        images_per_s = (step - step_before) * cfg.batch_size / (time.time() - train_start)
+        parts["scheduler"].step()
 
-        final = epoch + 1 == cfg.epochs or step == cfg.max_steps
-        rec = {"epoch": epoch + 1, "step": step, "lr": lr, "alpha": alpha, "beta": beta, "balance_acc": 100 * acc,
-               **{k: (v / n_steps).item() * (100 if k.startswith("acc") else 1) for k, v in sums.items()},
-               **evaluate(with_pgd=(epoch + 1) % cfg.eval_every == 0 or final),
-               **(dict(zip(("grad_sim", "conflict_frac"), torch.stack(sims).mean(0).tolist())) if sims else {}),
-               "images_per_s": n_steps * cfg.batch_size / (time.time() - epoch_start), "time": time.time() - run_start}
+        with_pgd = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or step == cfg.max_steps
+        rec = dict(epoch=epoch + 1, step=step, lr=lr, alpha=alpha, beta=beta, balance_acc=100 * acc)
+        rec |= means | evaluate(with_pgd) | dict(images_per_s=images_per_s, time=time.time() - progress.start)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        pgd_key = f"pgd{cfg.eval_steps}_acc"
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {rec['lr']:.4f}  a {alpha:.3f}  loss {rec['loss']:.3f}  "
-              f"train adv {rec['acc_adv']:5.1f}%  test clean {rec['clean_acc']:5.2f}% (aux "
-              + (f"{rec['clean_acc_aux']:5.2f}%)" if rec["clean_acc_aux"] is not None else "  n/a )")
-              + (f"  PGD-{cfg.eval_steps} {rec[pgd_key]:5.2f}%" if pgd_key in rec else "")
-              + f"  {_clock(time.time() - epoch_start)}", flush=True)
-        save_checkpoint({
-            "model": model.state_dict(), "predictors": predictors.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-            "config": dataclasses.asdict(cfg), "num_classes": num_classes, "record": rec,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}}, ckpt_path)
+        aux = "  n/a " if rec["clean_acc_aux"] is None else f"{rec['clean_acc_aux']:5.2f}%"
+        robust = f"  PGD-{cfg.eval_steps} {rec[pgd_key]:5.2f}%" if with_pgd else ""
+        print(
+            f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {lr:.4f}  a {alpha:.3f}  loss {rec['loss']:.3f}  train adv "
+            f"{rec['acc_adv']:5.1f}%  test clean {rec['clean_acc']:5.2f}% (aux {aux}){robust}  "
+            f"{Progress.clock(time.time() - epoch_start)}",
+            flush=True,
+        )
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state |= dict(epoch=epoch + 1, step=step, config=dataclasses.asdict(cfg), num_classes=num_classes, record=rec)
+        save_checkpoint(state | {"rng": rng_states(device)}, ckpt_path)
 
     last = torch.load(ckpt_path, map_location="cpu", weights_only=False)["record"]  # the last epoch always has PGD
-    pgd_key = f"pgd{cfg.eval_steps}_acc"
-    metrics = {"clean_acc": last["clean_acc"], "clean_acc_aux": last["clean_acc_aux"], pgd_key: last[pgd_key],
-               "n_eval": n_eval, "norm": cfg.norm, "eval_eps": cfg.eval_eps, "eval_step_size": cfg.eval_step_size,
-               "epochs": last["epoch"], "steps": last["step"], "method": method_label(cfg), "config": dataclasses.asdict(cfg)}
+    metrics = {k: last[k] for k in ("clean_acc", "clean_acc_aux", pgd_key)} | {"n_eval": len(test_loader.dataset)}
+    metrics |= dict(norm=cfg.norm, eval_eps=cfg.eval_eps, eval_step_size=cfg.eval_step_size, epochs=last["epoch"])
+    metrics |= dict(steps=last["step"], method=method_label(cfg), config=dataclasses.asdict(cfg))
+    summary = f"clean {metrics['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {metrics[pgd_key]:.2f}% on {metrics['n_eval']}"
     if cfg.aa_n:
-        metrics["aa_acc"] = autoattack_accuracy(model, test_loader, device, cfg.eval_eps, cfg.norm, cfg.aa_n)
-        metrics["n_aa"] = min(cfg.aa_n, n_eval)
+        aa_loader = make_loader(test_set, cfg, train=False, indices=range(min(cfg.aa_n, len(test_set))))
+        metrics["aa_acc"] = autoattack_accuracy(model, aa_loader, device, cfg.eval_eps, cfg.norm, cfg.aa_n)
+        metrics["n_aa"] = len(aa_loader.dataset)
+        summary += f"  AutoAttack {metrics['aa_acc']:.2f}% on {metrics['n_aa']}"
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=1)
-    print(f"final: clean {metrics['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {metrics[pgd_key]:.2f}%  on {n_eval} test "
-          "images" + (f"  AutoAttack {metrics['aa_acc']:.2f}% on {metrics['n_aa']}" if cfg.aa_n else "")
-          + f" -> {out / 'metrics.json'}", flush=True)
+    print(f"final: {summary} test images -> {out / 'metrics.json'}", flush=True)
     return metrics
 
 

@@ -6,15 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 import arat
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-# ----------------------------------------------------------------------------------------------------------- helpers
+# -------------------------------------------------------------------------------------------------------------- helpers
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]  # one class per tint: easy and robust
 
@@ -39,9 +39,31 @@ def tiny(tmp_path_factory):
 
 def cli(data, out, *flags):
     """Config for a fast in-process run: 16 px images, batch 8, single-process loading."""
-    return arat.parse_args(["--dataset", str(data), "--out", str(out), "--image-size", "16", "--batch-size", "8",
-                            "--workers", "0", "--eval-n", "8", "--balance-n", "8", "--attack-steps", "2",
-                            "--eval-steps", "3", "--log-every", "1", *flags])
+    return arat.parse_args(
+        [
+            "--dataset",
+            str(data),
+            "--out",
+            str(out),
+            "--image-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--eval-n",
+            "8",
+            "--balance-n",
+            "8",
+            "--attack-steps",
+            "2",
+            "--eval-steps",
+            "3",
+            "--log-every",
+            "1",
+            *flags,
+        ]
+    )
 
 
 def read_log(out):
@@ -53,8 +75,14 @@ class TinyNet(nn.Module):
 
     def __init__(self, classes=3, width=8):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
         self.fc = nn.Linear(width, classes)
 
     def forward(self, x):
@@ -74,7 +102,7 @@ def tiny_model(seed=0):
     return arat.convert_split_bn(TinyNet()).eval()
 
 
-# ----------------------------------------------------------------------------------------------------------- Eq. 1
+# ---------------------------------------------------------------------------------------------------------------- Eq. 1
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -136,7 +164,7 @@ def test_fp16_attack_gradients_do_not_vanish():
     assert (x_adv - x).abs().amax() > 1 / 255  # pgd still takes a full step
 
 
-# ----------------------------------------------------------------------------------------------------------- Split BN
+# ------------------------------------------------------------------------------------------------------------- Split BN
 
 
 def test_split_bn_clean_forward_updates_only_aux_statistics_and_adversarial_only_main():
@@ -169,9 +197,9 @@ def test_convert_split_bn_works_on_torchvision_resnet18():
 
     model = arat.convert_split_bn(torchvision.models.resnet18(num_classes=5))
     splits = [m for m in model.modules() if isinstance(m, arat.SplitBatchNorm2d)]
-    assert len(splits) == 20 and not any(type(m) is nn.BatchNorm2d and not any(m is s.main or m is s.aux
-                                                                                 for s in splits)
-                                         for m in model.modules())
+    assert len(splits) == 20 and not any(
+        type(m) is nn.BatchNorm2d and not any(m is s.main or m is s.aux for s in splits) for m in model.modules()
+    )
     tap = arat.FeatureTap(model, ["layer4.1.bn2", "layer3.0.bn1"])
     assert tap.dims(model, 64, "cpu") == [512, 256]
     cfg = arat.resolve(arat.Config(dataset="cifar10", layers="layer4.1.bn2,layer3.0.bn1", attack_steps=1))
@@ -185,7 +213,7 @@ def test_convert_split_bn_works_on_torchvision_resnet18():
     assert model.fc.weight.grad.abs().sum() > 0
 
 
-# ----------------------------------------------------------------------------------------------------------- Eqs. 3-7
+# ------------------------------------------------------------------------------------------------------------- Eqs. 3-7
 
 
 def _invariance_grads(stop_grad):
@@ -230,8 +258,12 @@ def test_invariance_loss_is_one_minus_cosine():
 
 
 def test_variant_table_equals_table_17():
-    assert arat.VARIANTS == {"v0": (False, False, False), "v1": (True, False, False),
-                             "v2": (True, True, False), "v3": (True, True, True)}
+    assert arat.VARIANTS == {
+        "v0": (False, False, False),
+        "v1": (True, False, False),
+        "v2": (True, True, False),
+        "v3": (True, True, True),
+    }
     for name, switches in arat.VARIANTS.items():
         cfg = arat.resolve(arat.parse_args(["--variant", name]))
         assert (cfg.stop_grad, cfg.predictor, cfg.split_bn) == switches
@@ -279,7 +311,7 @@ def test_plain_at_skips_the_clean_pass():
     assert len(calls) == 2 and set(terms) == {"ce_adv", "acc_adv"} and torch.isclose(loss, terms["ce_adv"])
 
 
-# ----------------------------------------------------------------------------------------------------------- Eq. 8
+# ---------------------------------------------------------------------------------------------------------------- Eq. 8
 
 
 def test_auto_balance_alpha_is_the_measured_aux_accuracy_and_alpha_plus_beta_is_one():
@@ -293,7 +325,7 @@ def test_auto_balance_alpha_is_the_measured_aux_accuracy_and_alpha_plus_beta_is_
     assert alpha == pytest.approx(expected) and alpha + beta == pytest.approx(1.0)
 
 
-# ----------------------------------------------------------------------------------------------------------- models
+# --------------------------------------------------------------------------------------------------------------- models
 
 
 def test_default_taps_give_the_reference_feature_dimensions():
@@ -319,13 +351,16 @@ def test_lr_schedule_drops_at_75_and_90_percent_and_quirks_shift_it():
     assert quirky[90] == pytest.approx(0.1) and quirky[91] == pytest.approx(0.01)
 
 
-# ----------------------------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------------------------------- main
 
 
 @pytest.mark.parametrize("variant", ["v0", "v1", "v2", "v3"])
 def test_main_smoke_run_of_each_variant_writes_all_outputs(tiny, tmp_path, variant):
-    metrics = arat.main(cli(tiny, tmp_path / variant, "--variant", variant, "--epochs", "3", "--max-steps", "4",
-                           "--grad-sim-every", "1"))
+    metrics = arat.main(
+        cli(
+            tiny, tmp_path / variant, "--variant", variant, "--epochs", "3", "--max-steps", "4", "--grad-sim-every", "1"
+        )
+    )
     out = tmp_path / variant
     assert {p.name for p in out.iterdir()} == {"log.jsonl", "last.pt", "metrics.json"}
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
@@ -385,10 +420,14 @@ BAD_INPUTS = {
     "cifar resized": (["--image-size", "64"], "--image-size: CIFAR images are 32x32"),
     "cifar missing offline": (["--no-download", "--data-dir", "{tmp}"], "--dataset cifar10: not found in"),
     "resume without checkpoint": (["--resume", "--out", "{tmp}/none"], "--resume: there is no checkpoint at"),
-    "autoattack on 3 classes": (["--dataset", "{tiny}", "--image-size", "16", "--out", "{tmp}/run", "--aa-n", "8"],
-                                "--aa-n: standard AutoAttack needs at least 10 classes"),
-    "unknown layer": (["--dataset", "{tiny}", "--image-size", "16", "--out", "{tmp}/run", "--layers", "layer4.0.bn9"],
-                      "--layers: the model has no module 'layer4.0.bn9'; did you mean layer4.0.bn2, layer4.0.bn1"),
+    "autoattack on 3 classes": (
+        ["--dataset", "{tiny}", "--image-size", "16", "--out", "{tmp}/run", "--aa-n", "8"],
+        "--aa-n: standard AutoAttack needs at least 10 classes",
+    ),
+    "unknown layer": (
+        ["--dataset", "{tiny}", "--image-size", "16", "--out", "{tmp}/run", "--layers", "layer4.0.bn9"],
+        "--layers: the model has no module 'layer4.0.bn9'; did you mean layer4.0.bn2, layer4.0.bn1",
+    ),
 }
 
 
