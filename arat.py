@@ -34,6 +34,7 @@ import difflib
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -675,16 +676,21 @@ def clean_accuracy(model, loader, device, branch="main"):
     return 100.0 * float(correct) / max(total, 1)
 
 
-def robust_accuracy(model, loader, device, eps, step_size, steps, norm):
+def robust_accuracy(model, loader, device, eps, step_size, steps, norm, show_progress=False):
     """Percent correct under PGD in eval mode through the main BNs (the paper's PGD-20 protocol)."""
     correct = total = 0
+    progress = Progress(len(loader), 0, loader.batch_size) if show_progress else None
     with train_mode(model, False):
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x_adv = pgd(model, x, y, eps, step_size, steps, norm)
             with torch.no_grad():
                 correct += (model(x_adv).argmax(1) == y).sum()
             total += len(y)
+            if progress and ((i + 1) % max(1, len(loader) // 10) == 0 or i + 1 == len(loader)):
+                progress.update(i + 1, f"PGD-{steps} evaluation: batch {i + 1}/{len(loader)}")
+    if progress:
+        progress.end_line()
     return 100.0 * float(correct) / max(total, 1)
 
 
@@ -704,6 +710,10 @@ def load_autoattack():
 def autoattack_accuracy(model, loader, device, eps, norm, n):
     """Percent of the first n images of `loader` still correct under standard AutoAttack, main BNs, fp32."""
     AutoAttack, original = load_autoattack()
+    log = logging.getLogger("auto-attack")  # where pyautoattack reports each attack's progress
+    if not original and not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stdout))
+        log.setLevel(logging.DEBUG)
     xs, ys = zip(*[(x, y) for x, y in loader])
     x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
     with train_mode(model, False):
@@ -865,7 +875,7 @@ def run(cfg: Config) -> dict:
             rec["clean_acc_aux"] = clean_accuracy(model, test_loader, device, "aux") if cfg.split_bn else None
             if with_pgd:
                 attack = (cfg.eval_eps, cfg.eval_step_size, cfg.eval_steps, cfg.norm)
-                rec[pgd_key] = robust_accuracy(model, test_loader, device, *attack)
+                rec[pgd_key] = robust_accuracy(model, test_loader, device, *attack, show_progress=True)
         return rec
 
     for epoch in range(start_epoch, cfg.epochs):

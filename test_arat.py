@@ -2,6 +2,7 @@
 
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -37,33 +38,13 @@ def tiny(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("tiny"), n_train=8, n_val=4)
 
 
+FAST = "--batch-size 8 --workers 0 --eval-n 8 --balance-n 8 --attack-steps 2 --eval-steps 3 --log-every 1".split()
+
+
 def cli(data, out, *flags):
-    """Config for a fast in-process run: 16 px images, batch 8, single-process loading."""
-    return arat.parse_args(
-        [
-            "--dataset",
-            str(data),
-            "--out",
-            str(out),
-            "--image-size",
-            "16",
-            "--batch-size",
-            "8",
-            "--workers",
-            "0",
-            "--eval-n",
-            "8",
-            "--balance-n",
-            "8",
-            "--attack-steps",
-            "2",
-            "--eval-steps",
-            "3",
-            "--log-every",
-            "1",
-            *flags,
-        ]
-    )
+    """Config for a fast in-process run: batch 8, single-process loading, 16 px images for folder datasets."""
+    size = [] if data in arat.DATASETS else ["--image-size", "16"]
+    return arat.parse_args(["--dataset", str(data), "--out", str(out), *size, *FAST, *flags])
 
 
 def read_log(out):
@@ -406,6 +387,48 @@ def test_short_run_learns_an_easy_task_well_above_chance(tmp_path):
     data = write_folder(tmp_path / "colours", n_train=32, n_val=16, classes=4, seed=1)
     metrics = arat.main(cli(data, tmp_path / "run", "--batch-size", "16", "--epochs", "4", "--eval-n", "64"))
     assert metrics["clean_acc"] >= 75  # chance is 25%
+
+
+def write_cifar10(root, n_train=40, n_test=16):
+    """Files in the layout of the CIFAR-10 python release (cifar-10-batches-py/), with random pixels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = {f"data_batch_{i}": n_train // 5 for i in range(1, 6)} | {"test_batch": n_test}
+    for name, n in batches.items():
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+
+
+def test_cifar10_loader_reads_the_python_release_and_trains_on_it(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kw: True)  # md5s of real files
+    write_cifar10(tmp_path / "data")
+    cfg = arat.resolve(arat.Config(dataset="cifar10", data_dir=str(tmp_path / "data"), download=False))
+    train, test, classes = arat.load_data(cfg)
+    assert (len(train), len(test), classes) == (40, 16, 10)
+    x = train[0][0]
+    assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(test[3][0], test[3][0])  # no augmentation at test time
+    flags = ["--data-dir", str(tmp_path / "data"), "--no-download", "--max-steps", "2"]
+    metrics = arat.main(cli("cifar10", tmp_path / "run", *flags))
+    assert metrics["n_eval"] == 8 and metrics["config"]["image_size"] == 32
+
+
+def test_imagenette_loader_reads_the_160px_release_and_resizes_and_crops(tmp_path):
+    wnids = ["n01440764", "n02102040"]  # tench, English springer
+    for split in ("train", "val"):
+        for wnid in wnids:
+            folder = tmp_path / "imagenette2-160" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((30, 45, 3), 60 * i, np.uint8)).save(folder / f"img{i}.JPEG")
+    cfg = arat.resolve(arat.Config(dataset="imagenette", data_dir=str(tmp_path), download=False, image_size=24))
+    train, test, classes = arat.load_data(cfg)
+    assert (len(train), len(test), classes) == (8, 8, 2)
+    assert train[0][0].shape == test[0][0].shape == (3, 24, 24)
 
 
 BAD_INPUTS = {
