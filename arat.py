@@ -220,7 +220,8 @@ def bf16_supported(device_type):
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device_type == "cpu":  # native bf16 (AVX512-BF16 or AMX) is much faster than fp32; emulated bf16 is slower
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent in some torch builds
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
     return False
 
 
