@@ -870,8 +870,9 @@ def run(cfg: Config) -> dict:
     progress = Progress(min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf), step, cfg.batch_size)
     pgd_key = f"pgd{cfg.eval_steps}_acc"
 
-    def evaluate(with_pgd):
-        with autocast():
+    def evaluate(with_pgd, final):
+        # The reported (last) evaluation runs in fp32 so that it does not depend on the training precision.
+        with contextlib.nullcontext() if final else autocast():
             rec = {"clean_acc": clean_accuracy(model, test_loader, device, "main")}
             rec["clean_acc_aux"] = clean_accuracy(model, test_loader, device, "aux") if cfg.split_bn else None
             if with_pgd:
@@ -899,9 +900,10 @@ def run(cfg: Config) -> dict:
         images_per_s = (step - step_before) * cfg.batch_size / (time.time() - train_start)
         parts["scheduler"].step()
 
-        with_pgd = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or step == cfg.max_steps
+        final = epoch + 1 == cfg.epochs or step == cfg.max_steps
+        with_pgd = (epoch + 1) % cfg.eval_every == 0 or final
         rec = dict(epoch=epoch + 1, step=step, lr=lr, alpha=alpha, beta=beta, balance_acc=100 * acc)
-        rec |= means | evaluate(with_pgd) | dict(images_per_s=images_per_s, time=time.time() - progress.start)
+        rec |= means | evaluate(with_pgd, final) | dict(images_per_s=images_per_s, time=time.time() - progress.start)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         aux = "  n/a " if rec["clean_acc_aux"] is None else f"{rec['clean_acc_aux']:5.2f}%"

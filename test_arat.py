@@ -474,3 +474,41 @@ def test_autoattack_breaks_what_pgd_breaks_on_a_non_robust_model():
     pgd_acc = arat.robust_accuracy(model, loader, "cpu", 1 / 255, 0.25 / 255, 20, "linf")
     aa_acc = arat.autoattack_accuracy(model, loader, "cpu", 1 / 255, "linf", 16)
     assert 0 < aa_acc <= pgd_acc < 100  # a budget small enough that some points survive both
+
+
+def test_autoattack_calls_the_original_package_with_its_own_api(monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+
+    class OriginalAutoAttack:  # the signature of the original package's class and method
+        def __init__(
+            self,
+            model,
+            norm="Linf",
+            eps=0.3,
+            seed=None,
+            verbose=True,
+            attacks_to_run=(),
+            version="standard",
+            is_tf_model=False,
+            device="cuda",
+            log_path=None,
+        ):
+            calls["init"] = {"norm": norm, "eps": eps, "version": version, "device": device}
+            self.model = model
+
+        def run_standard_evaluation(self, x_orig, y_orig, bs=250, return_labels=False):
+            calls["run"] = {"n": len(x_orig), "bs": bs, "return_labels": return_labels}
+            return x_orig, torch.where(torch.arange(len(y_orig)) % 2 == 0, y_orig, -1)  # every other one broken
+
+    monkeypatch.setitem(sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=OriginalAutoAttack))
+    x, y = torch.rand(10, 3, 4, 4), torch.arange(10) % 3
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    acc = arat.autoattack_accuracy(nn.Flatten(), loader, "cpu", 0.5, "l2", 8)
+    assert acc == 50.0
+    assert calls == {
+        "init": {"norm": "L2", "eps": 0.5, "version": "standard", "device": "cpu"},
+        "run": {"n": 8, "bs": 4, "return_labels": True},
+    }
