@@ -812,7 +812,9 @@ RESUMABLE_CHANGES |= {"data_dir", "download"}
 
 
 def load_checkpoint(path, cfg, parts):
-    """Restore every part (model, predictors, optimizer, scheduler, scaler) and the RNGs; returns (epoch, step)."""
+    """Restore every part (model, predictors, optimizer, scheduler, scaler) and the RNGs.
+
+    Returns the number of finished epochs, of optimiser steps, and the last epoch's log record."""
     ckpt = torch.load(path, map_location=cfg.device, weights_only=False)
     for k, v in ckpt["config"].items():
         if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v:
@@ -824,7 +826,7 @@ def load_checkpoint(path, cfg, parts):
     random.setstate(ckpt["rng"]["python"])
     if ckpt["rng"]["cuda"] is not None and cfg.device.startswith("cuda"):
         torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-    return ckpt["epoch"], ckpt["step"]
+    return ckpt["epoch"], ckpt["step"], ckpt["record"]
 
 
 def run(cfg: Config) -> dict:
@@ -859,8 +861,13 @@ def run(cfg: Config) -> dict:
         "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         "scaler": torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
     }  # everything last.pt holds
-    start_epoch, step = load_checkpoint(ckpt_path, cfg, parts) if cfg.resume else (0, 0)
+    start_epoch, step, record = load_checkpoint(ckpt_path, cfg, parts) if cfg.resume else (0, 0, None)
     out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    logged = [json.loads(line)["epoch"] for line in log_path.open()] if log_path.exists() else []
+    if start_epoch and start_epoch not in logged:  # the run stopped between a checkpoint and its log line
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
     print(json.dumps(dataclasses.asdict(cfg), indent=1), flush=True)
 
     train_loader = make_loader(train_set, cfg, train=True)
@@ -904,7 +911,11 @@ def run(cfg: Config) -> dict:
         with_pgd = (epoch + 1) % cfg.eval_every == 0 or final
         rec = dict(epoch=epoch + 1, step=step, lr=lr, alpha=alpha, beta=beta, balance_acc=100 * acc)
         rec |= means | evaluate(with_pgd, final) | dict(images_per_s=images_per_s, time=time.time() - progress.start)
-        with open(out / "log.jsonl", "a") as f:
+        # The checkpoint first: on resume it decides where training continues; the log only reports.
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state |= dict(epoch=epoch + 1, step=step, config=dataclasses.asdict(cfg), num_classes=num_classes, record=rec)
+        save_checkpoint(state | {"rng": rng_states(device)}, ckpt_path)
+        with log_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         aux = "  n/a " if rec["clean_acc_aux"] is None else f"{rec['clean_acc_aux']:5.2f}%"
         robust = f"  PGD-{cfg.eval_steps} {rec[pgd_key]:5.2f}%" if with_pgd else ""
@@ -914,9 +925,6 @@ def run(cfg: Config) -> dict:
             f"{Progress.clock(time.time() - epoch_start)}",
             flush=True,
         )
-        state = {name: part.state_dict() for name, part in parts.items()}
-        state |= dict(epoch=epoch + 1, step=step, config=dataclasses.asdict(cfg), num_classes=num_classes, record=rec)
-        save_checkpoint(state | {"rng": rng_states(device)}, ckpt_path)
 
     last = torch.load(ckpt_path, map_location="cpu", weights_only=False)["record"]  # the last epoch always has PGD
     metrics = {k: last[k] for k in ("clean_acc", "clean_acc_aux", pgd_key)} | {"n_eval": len(test_loader.dataset)}
@@ -940,6 +948,11 @@ def main(cfg: Config) -> dict:
     except ConfigError as e:
         print(f"arat.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(
+            "\narat.py: interrupted; the last finished epoch is in last.pt: add --resume to continue", file=sys.stderr
+        )
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
