@@ -917,6 +917,7 @@ def run(cfg: Config) -> dict:
         save_checkpoint(state | {"rng": rng_states(device)}, ckpt_path)
         with log_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
+        record = rec
         aux = "  n/a " if rec["clean_acc_aux"] is None else f"{rec['clean_acc_aux']:5.2f}%"
         robust = f"  PGD-{cfg.eval_steps} {rec[pgd_key]:5.2f}%" if with_pgd else ""
         print(
@@ -926,7 +927,7 @@ def run(cfg: Config) -> dict:
             flush=True,
         )
 
-    last = torch.load(ckpt_path, map_location="cpu", weights_only=False)["record"]  # the last epoch always has PGD
+    last = record  # the last epoch always has a PGD evaluation
     metrics = {k: last[k] for k in ("clean_acc", "clean_acc_aux", pgd_key)} | {"n_eval": len(test_loader.dataset)}
     metrics |= dict(norm=cfg.norm, eval_eps=cfg.eval_eps, eval_step_size=cfg.eval_step_size, epochs=last["epoch"])
     metrics |= dict(steps=last["step"], method=method_label(cfg), config=dataclasses.asdict(cfg))
