@@ -387,19 +387,18 @@ class CifarResNet(nn.Module):
 
 
 def build_model(arch: str, num_classes: int, split_bn: bool = True) -> nn.Module:
+    _one_of("--arch", arch, list(ARCHS))
     if arch == "resnet18":  # 11,173,962 parameters with one BN set, 10 classes
         model = CifarResNet(BasicBlock, 64, (64, 128, 256, 512), (2, 2, 2, 2), num_classes, preact=False)
     elif arch == "preact18":
         model = CifarResNet(PreActBlock, 64, (64, 128, 256, 512), (2, 2, 2, 2), num_classes, preact=True)
-    elif arch == "wrn34":  # WRN-34-10: 5 blocks per stage, widths 16 x 10; 46,160,474 parameters
+    else:  # wrn34, WRN-34-10: 5 blocks per stage, widths 16 x 10; 46,160,474 parameters
         model = CifarResNet(PreActBlock, 16, (160, 320, 640), (5, 5, 5), num_classes, preact=True)
         for m in model.modules():  # WRN's initialisation (Zagoruyko & Komodakis), as released
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, math.sqrt(2 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-    else:
-        raise ConfigError(f"--arch: invalid choice {arch!r} (choose from {', '.join(ARCHS)})")
     return convert_split_bn(model) if split_bn else model
 
 
