@@ -76,7 +76,7 @@ class Config:
     # experiment
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenette | a folder with train/ and val/ class subfolders
     arch: str = "resnet18"  # resnet18 | preact18 | wrn34 (Sec. 4, Appendix E)
-    out: str | None = None  # output folder; default runs/<dataset>-<arch>-<variant>-s<seed>
+    out: str | None = None  # output folder; default runs/<dataset>-<arch>-<method>-s<seed> (method: v0..v3, at, ...)
     seed: int = 0  # seeds data order, augmentation, init and attacks
     resume: bool = False  # continue from <out>/last.pt
     device: str | None = None  # cuda | cpu | cuda:1 ...; default cuda if available, else cpu
@@ -926,10 +926,10 @@ def run(cfg: Config) -> dict:
             flush=True,
         )
 
-    last = record  # the last epoch always has a PGD evaluation
-    metrics = {k: last[k] for k in ("clean_acc", "clean_acc_aux", pgd_key)} | {"n_eval": len(test_loader.dataset)}
-    metrics |= dict(norm=cfg.norm, eval_eps=cfg.eval_eps, eval_step_size=cfg.eval_step_size, epochs=last["epoch"])
-    metrics |= dict(steps=last["step"], method=method_label(cfg), config=dataclasses.asdict(cfg))
+    # From the last epoch's record, which always has a PGD evaluation.
+    metrics = {k: record[k] for k in ("clean_acc", "clean_acc_aux", pgd_key)} | {"n_eval": len(test_loader.dataset)}
+    metrics |= dict(norm=cfg.norm, eval_eps=cfg.eval_eps, eval_step_size=cfg.eval_step_size, epochs=record["epoch"])
+    metrics |= dict(steps=record["step"], method=method_label(cfg), config=dataclasses.asdict(cfg))
     summary = f"clean {metrics['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {metrics[pgd_key]:.2f}% on {metrics['n_eval']}"
     if cfg.aa_n:
         aa_loader = make_loader(test_set, cfg, train=False, indices=range(min(cfg.aa_n, len(test_set))))
