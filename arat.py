@@ -1,29 +1,17 @@
 """AR-AT: Asymmetric Representation-regularized Adversarial Training, in one file.
 
-AR-AT adds to adversarial training an invariance loss between adversarial and clean latent features that is made
-asymmetric (stop-gradient on the clean side, a predictor MLP on the adversarial side, after SimSiam) and a split
-BatchNorm (auxiliary BNs for the clean inputs, used only in training), which removes the "gradient conflict" and the
-"mixture distribution" problems of naive invariance regularisation.
+Adversarial training plus an invariance loss between adversarial and clean latent features, made asymmetric
+(stop-gradient on the clean side, a predictor MLP on the adversarial side, after SimSiam), and a split BatchNorm
+(auxiliary BNs for clean inputs, used only in training): F. Waseda, C.-C. Chang, I. Echizen, Rethinking Invariance
+Regularization in Adversarial Training to Improve Robustness-Accuracy Trade-off, ICLR 2025.
 
-    F. Waseda, C.-C. Chang, I. Echizen. Rethinking Invariance Regularization in Adversarial Training to Improve
-    Robustness-Accuracy Trade-off. ICLR 2025.
+Paper -> code: Sec. 3.3 split BN -> SplitBatchNorm2d, convert_split_bn, bn_branch; Sec. 3.2 predictor h ->
+make_predictor; Sec. 3.5 multi-layer invariance -> FeatureTap, InvarianceHead; Eq. 1 PGD -> pgd, arat_attack;
+Eq. 5 (why stop-gradient) -> invariance_loss; Eqs. 3-7 (L_V0..L_V3) -> VARIANTS, arat_loss; Eq. 8 auto-balance ->
+auto_balance; Table 17 Grad-sim -> gradient_similarity.
 
-Paper -> code
-    Eq. 1      PGD attack (L-inf / L2)                       pgd
-    Eqs. 3-7   L_V0..L_V3: three switches                    VARIANTS, train_step
-    Eq. 5      why stop-gradient removes the conflict        invariance_loss
-    Sec. 3.2   predictor MLP h                               make_predictor
-    Sec. 3.3   split BN (main = adversarial, aux = clean)    SplitBatchNorm2d, convert_split_bn, bn_branch
-    Eq. 8      auto-balance alpha = Acc, beta = 1 - Acc      auto_balance
-    Sec. 3.5   multi-layer invariance, gamma / L per layer   FeatureTap, train_step
-
-Commands
-    python arat.py --dataset cifar10 --arch resnet18              # AR-AT, gamma 30, 4 layers of layer4
-    python arat.py --dataset cifar10 --arch wrn34 --gamma 100     # AR-AT, gamma 100, 11 layers of layer3
-    python arat.py --variant v0 --layers layer4 --no-auto-balance --alpha 1 --beta 1   # Table 17, row (1)
-
-Paper numbers (Table 3, CIFAR-10, last epoch, AutoAttack L-inf 8/255; clean / AA):
-    ResNet-18 87.82 / 49.02, WRN-34-10 90.89 / 50.77 (PGD-20: 52.13 and 52.72, Table 6).
+    python arat.py --dataset cifar10 --arch wrn34 --gamma 100     # Table 3: 90.89 clean / 50.77 AutoAttack
+    python arat.py --eval-only --checkpoint runs/cifar10-resnet18-v3-s0/last.pt --aa-n 10000
 """
 
 import argparse
@@ -32,24 +20,29 @@ import copy
 import dataclasses
 import difflib
 import functools
-import inspect
+import importlib.metadata
+import itertools
 import json
 import logging
 import math
 import os
 import random
 import re
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+import typing
 from fractions import Fraction
 from pathlib import Path
 
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import datasets
+from torchvision import transforms as T
 
-# --------------------------------------------------------------------------------------------------------------- Config
+# ========================================================================================================= The method
 
 # fmt: off
 #          stop_grad predictor split_bn     (paper Table 17)
@@ -57,219 +50,19 @@ VARIANTS = {"v0": (False, False, False),  # Eq. 3, naive siamese invariance
             "v1": (True, False, False),  # Eq. 4, + stop-gradient
             "v2": (True, True, False),  # Eq. 6, + predictor h
             "v3": (True, True, True)}  # Eq. 7, + split BN: AR-AT
+# arch: gamma, regularised layers (ReLU of these outputs, pooled; as released, see README), penultimate features
+ARCHS = {"resnet18": (30.0, ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2"), "layer4"),
+         "preact18": (30.0, ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2", "bn"), "bn"),
+         "wrn34": (100.0, tuple(f"layer3.{b}.bn{i}" for b in range(5) for i in (1, 2)) + ("bn",), "bn")}
 # fmt: on
-
-_WRN_TAPS = tuple(f"layer3.{b}.bn{i}" for b in range(5) for i in (1, 2)) + ("bn",)
-#             gamma  regularised layers: ReLU of these outputs, pooled (as released; see README)
-ARCHS = {
-    "resnet18": (30.0, ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2")),
-    "preact18": (30.0, ("layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2", "bn")),
-    "wrn34": (100.0, _WRN_TAPS),
-}
-DATASETS = ("cifar10", "cifar100", "imagenette")
-# Default threat models (Sec. 4, Appendix E): (eps, step size)
-THREATS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.125)}
-
-
-@dataclass
-class Config:
-    # experiment
-    dataset: str = "cifar10"  # cifar10 | cifar100 | imagenette | a folder with train/ and val/ class subfolders
-    arch: str = "resnet18"  # resnet18 | preact18 | wrn34 (Sec. 4, Appendix E)
-    out: str | None = None  # output folder; default runs/<dataset>-<arch>-<method>-s<seed> (method: v0..v3, at, ...)
-    seed: int = 0  # seeds data order, augmentation, init and attacks
-    resume: bool = False  # continue from <out>/last.pt
-    device: str | None = None  # cuda | cpu | cuda:1 ...; default cuda if available, else cpu
-    amp: str | None = None  # bf16 | fp16 | off; default bf16 where the device supports it, else off
-    # data
-    data_dir: str = "data"  # where datasets are found, or downloaded to
-    download: bool = True  # download CIFAR / Imagenette into --data-dir when missing
-    image_size: int | None = None  # side in pixels; 32 for CIFAR, default 160 for Imagenette and folders
-    workers: int = 4  # data-loading processes
-    # optimisation (Sec. 4)
-    epochs: int = 100  # lr is divided by 10 at 75% and 90% of the epochs
-    lr: float = 0.1  # SGD learning rate
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # on every parameter, predictors and BNs included (as released)
-    batch_size: int = 128  # images per step
-    max_steps: int | None = None  # stop after this many optimiser steps (smoke runs, timing)
-    official_quirks: bool = False  # reproduce the released code's noisy clean batch and lr schedule (README)
-    # attack (Eq. 1)
-    norm: str = "linf"  # linf | l2 (Appendix E)
-    eps: float | None = None  # training budget; default 8/255 (linf), 0.5 (l2); fractions such as 8/255 are accepted
-    step_size: float | None = None  # PGD step; default 2/255 (linf), 0.125 (l2)
-    attack_steps: int = 10  # PGD steps in training (PGD-10, Sec. 4)
-    attack_mode: str = "train"  # train | eval: BN mode during the training attack (released: train, main BN)
-    # evaluation
-    eval_eps: float | None = None  # test budget; default 8/255 (linf), 0.5 (l2), whatever the training eps
-    eval_step_size: float | None = None  # test PGD step; default 2/255 (linf), 0.125 (l2)
-    eval_steps: int = 20  # PGD-20 (Sec. 4)
-    eval_every: int = 10  # PGD accuracy every this many epochs (and always after the last)
-    eval_n: int | None = None  # evaluate on the first N test images; default the whole test split
-    aa_n: int = 0  # after training, standard AutoAttack on the first N test images (paper: 10000); 0: off
-    log_every: int = 50  # steps between progress lines
-    grad_sim_every: int = 0  # measure Grad-sim (Table 17) every this many steps; 0: off (costs two backward passes)
-    # AR-AT (Eqs. 3-8, Sec. 3.5)
-    variant: str = "v3"  # v0 | v1 | v2 | v3 (Table 17); v3 is AR-AT
-    stop_grad: bool | None = None  # sg(z) in the invariance loss (Eq. 4); default from --variant
-    predictor: bool | None = None  # predictor MLP h on z' (Eq. 6); default from --variant
-    split_bn: bool | None = None  # auxiliary BNs for clean inputs (Eq. 7); default from --variant
-    gamma: float | None = None  # invariance weight; default 30 (resnet18, preact18), 100 (wrn34); 0 gives plain AT
-    layers: str | None = None  # comma-separated module names regularised (Sec. 3.5); default per arch
-    auto_balance: bool = True  # alpha = Acc, beta = 1 - Acc each epoch (Eq. 8)
-    alpha: float | None = None  # fixed weight of CE(f(x'), y) with --no-auto-balance; default 1 (Table 6)
-    beta: float | None = None  # fixed weight of CE(f_aux(x), y) with --no-auto-balance; default 1 (Table 6)
-    balance_n: int = 1000  # training images on which Acc of Eq. 8 is measured (as released)
-
-
-# fmt: off
-# Smallest valid value of each numeric flag, and the flags that must be positive (checked by `resolve`).
-MINIMUM = {"epochs": 1, "batch_size": 2, "attack_steps": 1, "eval_steps": 1, "eval_every": 1, "log_every": 1,
-           "max_steps": 1, "eval_n": 1, "balance_n": 1, "image_size": 8, "workers": 0, "aa_n": 0,
-           "grad_sim_every": 0, "gamma": 0, "alpha": 0, "beta": 0, "weight_decay": 0, "momentum": 0}
-POSITIVE = ("lr", "eps", "step_size", "eval_eps", "eval_step_size")
-# fmt: on
+THREATS = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.125)}  # default (eps, step size): Sec. 4, Appendix E
 
 
 class ConfigError(ValueError):
     """A bad flag or input: reported as one line and exit code 2, never a traceback."""
 
 
-def _one_of(flag, value, choices):
-    if value not in choices:
-        raise ConfigError(f"{flag}: invalid choice {value!r} (choose from {', '.join(choices)})")
-
-
-def method_label(cfg: Config):
-    """The run's name: "at" for plain AT, else the Table 17 preset that the switches match, else the switches."""
-    if cfg.gamma == 0 and not cfg.auto_balance and cfg.beta == 0:
-        return "at"
-    for name, switches in VARIANTS.items():
-        if switches == (cfg.stop_grad, cfg.predictor, cfg.split_bn):
-            return name
-    return f"sg{int(cfg.stop_grad)}-pred{int(cfg.predictor)}-sbn{int(cfg.split_bn)}"
-
-
-def resolve(cfg: Config) -> Config:
-    """Check every flag and fill in the derived defaults, once; returns a new Config."""
-    _one_of("--arch", cfg.arch, list(ARCHS))
-    _one_of("--variant", cfg.variant, list(VARIANTS))
-    _one_of("--norm", cfg.norm, list(THREATS))
-    _one_of("--attack-mode", cfg.attack_mode, ["train", "eval"])
-    if cfg.amp is not None:
-        _one_of("--amp", cfg.amp, ["bf16", "fp16", "off"])
-    if cfg.dataset not in DATASETS and not Path(cfg.dataset).is_dir():
-        raise ConfigError(
-            f"--dataset: {cfg.dataset!r} is neither one of {', '.join(DATASETS)} "
-            "nor a folder with train/ and val/ class subfolders"
-        )
-    for name, low in MINIMUM.items():
-        if (value := getattr(cfg, name)) is not None and value < low:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
-    for name in POSITIVE:
-        if (value := getattr(cfg, name)) is not None and not value > 0:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
-    if cfg.auto_balance and (cfg.alpha is not None or cfg.beta is not None):
-        raise ConfigError("--alpha/--beta: fixed weights need --no-auto-balance (auto-balance sets them, Eq. 8)")
-    if cfg.dataset in ("cifar10", "cifar100") and cfg.image_size not in (None, 32):
-        raise ConfigError(
-            f"--image-size: CIFAR images are 32x32, got {cfg.image_size}; resize applies to "
-            "imagenette and folder datasets"
-        )
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device_type = torch.device(device).type
-    except RuntimeError:
-        raise ConfigError(f"--device: {device!r} is not a device (examples: cpu, cuda, cuda:1)") from None
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: CUDA is not available on this machine; use --device cpu")
-    if cfg.amp == "fp16" and device_type not in ("cuda", "cpu"):
-        raise ConfigError(f"--amp: fp16 is supported on cuda and cpu, not {device_type}")
-
-    sg, pred, split = (
-        default if given is None else given
-        for given, default in zip((cfg.stop_grad, cfg.predictor, cfg.split_bn), VARIANTS[cfg.variant])
-    )
-    gamma = ARCHS[cfg.arch][0] if cfg.gamma is None else cfg.gamma
-    layers = ARCHS[cfg.arch][1] if cfg.layers is None else tuple(n.strip() for n in cfg.layers.split(",") if n.strip())
-    if gamma > 0 and not layers:
-        raise ConfigError("--layers: give at least one module name, or --gamma 0 for no invariance term")
-    eps, step = THREATS[cfg.norm]
-    name = Path(cfg.dataset).name if cfg.dataset not in DATASETS else cfg.dataset
-    cfg = dataclasses.replace(
-        cfg,
-        stop_grad=sg,
-        predictor=pred,
-        split_bn=split,
-        gamma=gamma,
-        layers=",".join(layers) if gamma > 0 else "",  # gamma = 0 is plain AT: nothing to capture
-        device=device,
-        amp=cfg.amp or ("bf16" if bf16_supported(device_type) else "off"),
-        image_size=cfg.image_size or (32 if cfg.dataset in ("cifar10", "cifar100") else 160),
-        eps=cfg.eps or eps,
-        step_size=cfg.step_size or step,
-        eval_eps=cfg.eval_eps or eps,
-        eval_step_size=cfg.eval_step_size or step,
-        alpha=1.0 if cfg.alpha is None else cfg.alpha,
-        beta=1.0 if cfg.beta is None else cfg.beta,
-    )
-    return dataclasses.replace(cfg, out=cfg.out or f"runs/{name}-{cfg.arch}-{method_label(cfg)}-s{cfg.seed}")
-
-
-def bf16_supported(device_type):
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device_type == "cpu":  # native bf16 (AVX512-BF16 or AMX) is much faster than fp32; emulated bf16 is slower
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent in some torch builds
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block: the message names the flag
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _number(text):
-    """Floats, and fractions such as 8/255."""
-    try:
-        return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-
-
-def parse_args(argv=None) -> Config:
-    """A flag per Config field: `--batch-size` for `batch_size`; help, groups and defaults read off the Config."""
-    parser = _Parser(
-        prog="arat.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
-    group = parser
-    for line in inspect.getsource(Config).splitlines()[1:]:
-        if m := re.fullmatch(r"    # (\S.*)", line):
-            group = parser.add_argument_group(m[1])
-        elif m := re.fullmatch(r"    (\w+): [^=]+= (.+?)  # (.*)", line):
-            name, default, text = m.groups()
-            kind = types[name]
-            flag = "--" + name.replace("_", "-")
-            text = (f"{text} (default: {default})" if default != "None" else text).replace("%", "%%")
-            if kind in (bool, bool | None):
-                group.add_argument(
-                    flag, action=argparse.BooleanOptionalAction, default=getattr(Config, name), help=text
-                )
-            else:
-                base = {int | None: int, float | None: float, str | None: str}.get(kind, kind)
-                group.add_argument(
-                    flag,
-                    type=_number if base is float else base,
-                    default=getattr(Config, name),
-                    help=text,
-                    metavar=name.upper(),
-                )
-    return Config(**vars(parser.parse_args(argv)))
-
-
-# --------------------------------------------------------------------------------------------------------------- Models
+# ---------------------------------------------------------------------------------------------- Split BN (Sec. 3.3)
 
 
 class SplitBatchNorm2d(nn.Module):
@@ -289,21 +82,20 @@ class SplitBatchNorm2d(nn.Module):
 
 def convert_split_bn(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d of any model by a SplitBatchNorm2d (both halves start as copies of it)."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(model, name, SplitBatchNorm2d(child))
-        else:
-            convert_split_bn(child)
+    names = [name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
+    if not names:  # SyncBatchNorm, FrozenBatchNorm2d or no BN at all: a silently unsplit model would not be AR-AT
+        raise ValueError(f"convert_split_bn: {type(model).__name__} has no nn.BatchNorm2d to split")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SplitBatchNorm2d(model.get_submodule(name)))
     return model
 
 
 def merge_split_bn(model: nn.Module) -> nn.Module:
     """The inference model: each SplitBatchNorm2d replaced by its main BN (shares the tensors; deep-copy to detach)."""
-    for name, child in model.named_children():
-        if isinstance(child, SplitBatchNorm2d):
-            setattr(model, name, child.main)
-        else:
-            merge_split_bn(child)
+    for name in [name for name, m in model.named_modules() if isinstance(m, SplitBatchNorm2d)]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, model.get_submodule(name).main)
     return model
 
 
@@ -318,6 +110,19 @@ def bn_branch(model: nn.Module, branch: str):
     finally:
         for m in splits:
             m.branch = "main"
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module, training: bool):
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+# -------------------------------------------------------------------------------------------------------- Models
 
 
 def conv3x3(cin, cout, stride=1):
@@ -402,37 +207,35 @@ def build_model(arch: str, num_classes: int, split_bn: bool = True) -> nn.Module
     return convert_split_bn(model) if split_bn else model
 
 
+# ------------------------------------------------------------------------ Predictors and features (Sec. 3.2, 3.5)
+
+
 def make_predictor(dim: int) -> nn.Module:
     """h_l (Sec. 3.2): SimSiam's bottleneck MLP with hidden width d/4, applied to the adversarial feature only."""
-    return nn.Sequential(
-        nn.Linear(dim, dim // 4, bias=False), nn.BatchNorm1d(dim // 4), nn.ReLU(inplace=True), nn.Linear(dim // 4, dim)
-    )
+    hidden = dim // 4
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
 
 class FeatureTap:
     """z_l = global-average-pool(ReLU(output of module l)) for named modules (Sec. 3.5), recorded only inside
-    `with tap.capture() as z:`, so attack steps pay nothing. Hooks are registered once, before any torch.compile."""
+    `with tap.capture() as z:`, so attack steps pay nothing. Hooks are registered once, before any torch.compile;
+    `remove()` takes them out again."""
 
     def __init__(self, model: nn.Module, names):
         modules = dict(model.named_modules())
         for name in names:
             if name not in modules or not name:
-                valid = [
-                    n
-                    for n, m in modules.items()
-                    if n and not isinstance(m, (nn.Conv2d, nn.Linear)) and not re.search(r"\.(main|aux)$", n)
-                ]
-                close = difflib.get_close_matches(name, valid, n=3)
-                hint = f"did you mean {', '.join(close)}? " if close else ""
-                raise ConfigError(f"--layers: the model has no module {name!r}; {hint}valid names: {', '.join(valid)}")
-            modules[name].register_forward_hook(functools.partial(self._hook, name))
+                valid = [n for n, m in modules.items() if n and not isinstance(m, (nn.Conv2d, nn.Linear))]
+                close = ", ".join(difflib.get_close_matches(name, valid, n=3)) or "none close"
+                raise ConfigError(f"--layers: the model has no module {name!r} ({close}); valid: {', '.join(valid)}")
+        self.handles = [modules[n].register_forward_hook(functools.partial(self._hook, n)) for n in names]
         self.names, self.feats = tuple(names), None
 
     def _hook(self, name, module, inputs, output):
         if self.feats is None:
             return
-        if not torch.is_tensor(output):
-            raise ConfigError(f"--layers: module {name!r} returns {type(output).__name__}, not a tensor")
+        if name in self.feats:  # a module called twice per pass (a shared nn.ReLU) would keep only its last call
+            raise RuntimeError(f"FeatureTap: module {name!r} ran twice in one pass; tap a module that runs once")
         z = F.relu(output)
         self.feats[name] = z.mean(tuple(range(2, z.dim()))) if z.dim() > 2 else z
 
@@ -444,144 +247,88 @@ class FeatureTap:
         finally:
             self.feats = None
 
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
     @torch.no_grad()
-    def dims(self, model, image_size, device):
-        """Feature width of each tapped layer, from one eval-mode pass (running statistics untouched)."""
-        was_training = model.training
-        model.eval()
-        with self.capture() as z:
-            model(torch.zeros(2, 3, image_size, image_size, device=device))
-        model.train(was_training)
+    def dims(self, model, image_size, released_probe=False):
+        """Width of each tapped feature from one pass through the auxiliary BNs: in eval mode on zeros (no statistic
+        moves), or as released, one standard-normal 1x3x32x32 batch in train mode (it moves their statistics once)."""
+        like = next(model.parameters())
+        x = torch.randn(1, 3, 32, 32).to(like) if released_probe else torch.zeros(2, 3, image_size, image_size).to(like)
+        with train_mode(model, released_probe), bn_branch(model, "aux"), self.capture() as z:
+            model(x)
         return [z[n].shape[1] for n in self.names]
 
 
-# ----------------------------------------------------------------------------------------------------------------- Data
+class InvarianceHead(nn.Module):
+    """What AR-AT trains besides the classifier (Sec. 3.5): a tap on each of the L regularised layers (--layers) and
+    its predictor h_l (identity without --predictor)."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.tap = FeatureTap(model, cfg.layers.split(",") if cfg.layers else [])
+        dims = self.tap.dims(model, cfg.image_size, cfg.official_quirks) if self.tap.names else []
+        self.predictors = nn.ModuleList(make_predictor(d) if cfg.predictor else nn.Identity() for d in dims)
 
 
-def _transforms(size, train, resize):
-    from torchvision import transforms as T
-
-    steps = [T.Resize(size)] if resize else []  # shorter side to `size` (Imagenette, folders); CIFAR is 32 px
-    if train:
-        steps += [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()]  # Sec. 4: 4 px padding crop + flip
-    elif resize:
-        steps += [T.CenterCrop(size)]
-    return T.Compose(steps + [T.ToTensor()])  # [0, 1], no mean/std normalisation
-
-
-def load_data(cfg: Config):
-    """(train set with augmentation, test set, number of classes). Downloads CIFAR / Imagenette when missing."""
-    from torchvision import datasets
-
-    root, size = cfg.data_dir, cfg.image_size
-    resize = cfg.dataset not in ("cifar10", "cifar100")
-    train_tf, test_tf = _transforms(size, True, resize), _transforms(size, False, resize)
-    if cfg.dataset in DATASETS:
-        if cfg.dataset == "imagenette":  # the 160 px release: 9,469 train / 3,925 val images
-            url = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"
-
-            def make(train, tf):
-                return datasets.Imagenette(root, "train" if train else "val", "160px", cfg.download, tf)
-        else:
-            url = f"https://www.cs.toronto.edu/~kriz/{cfg.dataset.replace('cifar', 'cifar-')}-python.tar.gz"
-            cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
-
-            def make(train, tf):
-                return cls(root, train=train, download=cfg.download, transform=tf)
-
-        try:
-            train, test = make(True, train_tf), make(False, test_tf)
-        except (RuntimeError, OSError) as e:  # missing with --no-download, or offline (URLError is an OSError)
-            why = "--no-download was given" if not cfg.download else f"downloading it failed ({e})"
-            raise ConfigError(
-                f"--dataset {cfg.dataset}: not found in {os.path.abspath(root)} and {why}; download "
-                f"{url} and extract it there, or point --data-dir at it"
-            ) from None
-        return train, test, len(train.classes)
-    folders = {split: Path(cfg.dataset) / split for split in ("train", "val")}
-    for folder in folders.values():
-        if not folder.is_dir():
-            raise ConfigError(
-                f"--dataset: {folder} is missing; a folder dataset needs train/ and val/ "
-                "subfolders with one folder of images per class"
-            )
-    try:
-        train = datasets.ImageFolder(folders["train"], train_tf)
-        test = datasets.ImageFolder(folders["val"], test_tf)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ConfigError(f"--dataset: {e}") from None
-    if train.classes != test.classes:
-        raise ConfigError(f"--dataset: train/ and val/ of {cfg.dataset} have different class folders")
-    return train, test, len(train.classes)
-
-
-def make_loader(dataset, cfg: Config, train: bool, indices=None):
-    from torch.utils.data import DataLoader, Subset
-
-    if indices is not None:
-        dataset = Subset(dataset, indices)
-    # The generator is re-seeded per epoch (`seed_loader`) so that shuffling and worker augmentation seeds depend
-    # only on (seed, epoch): a resumed run sees the same batches as an uninterrupted one.
-    return DataLoader(
-        dataset,
-        cfg.batch_size,
-        shuffle=train,
-        drop_last=train,
-        num_workers=cfg.workers,
-        pin_memory=cfg.device.startswith("cuda"),
-        generator=torch.Generator(),
-    )
-
-
-def seed_loader(loader, seed):
-    loader.generator.manual_seed(seed)
-    return loader
-
-
-# --------------------------------------------------------------------------------------------------------------- Attack
-
-
-def _project(delta, eps, norm):
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    scale = eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return delta * scale.clamp(max=1).view(-1, *[1] * (delta.dim() - 1))
+# ------------------------------------------------------------------------------------------------ Attack (Eq. 1)
 
 
 def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True):
     """Eq. 1 by projected gradient ascent on CE(f(x + delta), y): returns x' with ||x' - x|| <= eps and x' in [0, 1].
 
-    Never modifies x (the released code added its random start to the caller's batch in place). Gradients are taken
-    with respect to delta only, so autograd runs no weight-gradient kernel and accumulates nothing in .grad (freezing
-    the weights as well changed PGD-10 time by 2% in a measured ResNet-18 run).
+    Never modifies x (the released code added its random start to the caller's batch in place). Without a random
+    start the first gradient is taken at x itself, even if x lies outside [0, 1]. Gradients are taken with respect to
+    delta only, and the weights are frozen meanwhile: eager autograd then skips every weight-gradient kernel, and a
+    torch.compile'd model does not compute them in its joint graph either.
     """
     view = (-1, *[1] * (x.dim() - 1))
     if not random_start:
         delta = torch.zeros_like(x)
     elif norm == "linf":
-        delta = torch.empty_like(x).uniform_(-eps, eps)
+        delta = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) - x
     else:  # uniform radius along a random direction
         delta = torch.randn_like(x)
         delta *= eps * torch.rand(len(x), device=x.device).view(view) / delta.flatten(1).norm(dim=1).view(view)
-    delta = (x + delta).clamp(0, 1) - x
+        delta = (x + delta).clamp(0, 1) - x
     # Under fp16 autocast the backward pass through confident logits underflows to exact zeros; scaling the loss
     # keeps the direction (sign / normalised gradient are scale-free), as GradScaler does for weight gradients.
     fp16 = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16
-    scale = 1024.0 if fp16 else 1.0
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss * scale, delta)
-        if norm == "linf":
-            step = grad.sign()
-        else:
-            step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-        delta = _project(delta.detach() + step_size * step, eps, norm)
-        delta = (x + delta).clamp(0, 1) - x
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss * (1024.0 if fp16 else 1.0), delta)
+            if norm == "linf":
+                delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
+            else:  # a step along the normalised gradient, then back into the L2 ball
+                delta = delta.detach() + step_size * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+                delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(view)
+            delta = (x + delta).clamp(0, 1) - x
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return (x + delta).detach()
 
 
-# --------------------------------------------------------------------------------------------------------------- Losses
+def arat_attack(model, head, x, y, cfg):
+    """The training attack: PGD-10 on CE through the main BNs, in train mode as released, so the main BNs' running
+    statistics absorb the attack's forward passes (L2, as released: eval mode). Returns the batch the clean branch
+    trains on and x'."""
+    start = True
+    if cfg.official_quirks and cfg.norm == "linf":  # the released PGD added its random start to the batch in place:
+        x = x + torch.empty_like(x).uniform_(-cfg.eps, cfg.eps)  # the clean branch trains on this unclamped point
+        start = False  # and the attack starts there, its ball centred on it
+    with train_mode(model, cfg.attack_mode == "train"):
+        return x, pgd(model, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm, start)
+
+
+# ---------------------------------------------------------------------------------------------- Losses (Eqs. 3-8)
 
 
 def invariance_loss(z_adv, z, predictor, stop_grad):
@@ -596,7 +343,9 @@ def invariance_loss(z_adv, z, predictor, stop_grad):
     gradient from this term at all, while the predictor h lets z' follow z without forcing z' itself to match.
     """
     target = z.detach() if stop_grad else z
-    return 1 - F.cosine_similarity(predictor(z_adv).float(), target.float(), dim=1).mean()
+    h = predictor(z_adv)
+    dtype = torch.promote_types(h.dtype, torch.float32)  # bf16/fp16 features are compared in fp32
+    return 1 - F.cosine_similarity(h.to(dtype), target.to(dtype), dim=1).mean()
 
 
 def auto_balance(acc: float):
@@ -604,22 +353,11 @@ def auto_balance(acc: float):
     return acc, 1.0 - acc
 
 
-@contextlib.contextmanager
-def train_mode(model, training):
-    was_training = model.training
-    model.train(training)
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+def arat_loss(model, head, x, x_adv, y, cfg, alpha, beta):
+    """Eq. 7 (Eqs. 3, 4, 6 with the switches off): returns the total loss and its terms for logging.
 
-
-def train_step(model, predictors, tap, x, y, cfg: Config, alpha, beta):
-    """Eq. 7 (Eqs. 3, 4, 6 with the switches off): returns the total loss and its terms for logging."""
-    if cfg.official_quirks:  # released code: the clean batch and the attack's centre carry PGD's random start
-        x = (x + torch.empty_like(x).uniform_(-cfg.eps, cfg.eps)).clamp(0, 1)
-    with train_mode(model, cfg.attack_mode == "train"):  # as released: train mode, main BN, features off
-        x_adv = pgd(model, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm)
+    alpha CE(f(x'), y) + beta CE(f_aux(x), y) + gamma / L sum_l Dist(h_l(z'_l), sg(z_l))."""
+    tap = head.tap
     with tap.capture() as z_adv:
         logits_adv = model(x_adv)  # f_theta: the main BNs see adversarial inputs only
     ce_adv = F.cross_entropy(logits_adv, y)
@@ -632,99 +370,443 @@ def train_step(model, predictors, tap, x, y, cfg: Config, alpha, beta):
         ce_clean = F.cross_entropy(logits, y)
         loss = loss + beta * ce_clean
         terms.update(ce_clean=ce_clean, acc_clean=(logits.argmax(1) == y).float().mean())
+    terms["cls"] = loss
     if tap.names:  # gamma is shared evenly over the L layers (Sec. 3.5)
-        inv = sum(invariance_loss(z_adv[n], z[n], h, cfg.stop_grad) for n, h in zip(tap.names, predictors, strict=True))
-        terms["inv"] = inv / len(tap.names)
+        pairs = zip(tap.names, head.predictors, strict=True)
+        terms["inv"] = sum(invariance_loss(z_adv[n], z[n], h, cfg.stop_grad) for n, h in pairs) / len(tap.names)
         loss = loss + cfg.gamma * terms["inv"]
     return loss, terms
 
 
 def gradient_similarity(cls_loss, inv_loss, weights):
-    """Grad-sim of Table 17 / Fig. 2: cosine between the gradients of the classification loss
-    (alpha CE' + beta CE) and of the invariance loss w.r.t. the Conv2d/Linear weights, and the fraction of those
-    weights whose two gradients have opposite signs ("gradient conflict")."""
+    """Grad-sim of Table 17 / Fig. 2: cosine between the gradients of the classification loss (alpha CE' + beta CE)
+    and of the invariance loss w.r.t. the Conv2d/Linear weights, and the fraction of those weights whose two gradients
+    have opposite signs ("gradient conflict"). Layers after the taps get no invariance gradient and are left out."""
     g_cls = torch.autograd.grad(cls_loss, weights, retain_graph=True, allow_unused=True)
     g_inv = torch.autograd.grad(inv_loss, weights, retain_graph=True, allow_unused=True)
-    pairs = [
-        (a.flatten().float(), b.flatten().float()) for a, b in zip(g_cls, g_inv) if a is not None and b is not None
-    ]
-    a, b = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])  # layers after the taps get no inv grad
+    both = [(a, b) for a, b in zip(g_cls, g_inv) if a is not None and b is not None]
+    a, b = (torch.cat([g[i].flatten().float() for g in both]) for i in (0, 1))
     return F.cosine_similarity(a, b, dim=0), (a * b < 0).float().mean()
 
 
-def lr_factor(epoch: int, epochs: int, official_quirks: bool = False) -> float:
-    """Sec. 4: lr / 10 at 75% and at 90% of training (epochs 75 and 90 of 100); `epoch` counts from 0."""
-    if official_quirks:  # released: epoch 1 at lr / 5, then the schedule one epoch late
-        if epoch == 0:
-            return 0.2
-        epoch -= 1
-    return 0.1 ** ((epoch >= round(0.75 * epochs)) + (epoch >= round(0.9 * epochs)))
+def lr_factor(epoch: int, drops, official_quirks: bool = False, lr: float = 0.1) -> float:
+    """Sec. 4: lr / 10 after each epoch count in `drops` (75 and 90 of 100); `epoch` counts from 0.
+
+    The released schedule (official_quirks): epoch 1 at the literal 0.02 whatever the lr, then after epoch e the lr
+    of get_lr(e), divided by 10 beyond 75, 90, 100 and 110 epochs; thresholds literal, hence one epoch late."""
+    if official_quirks:
+        return 0.02 / lr if epoch == 0 else 0.1 ** sum(epoch > t for t in (75, 90, 100, 110))
+    return 0.1 ** sum(epoch >= d for d in drops)
 
 
-# ----------------------------------------------------------------------------------------------------- Train / evaluate
+class Method(typing.NamedTuple):
+    """A training method, the seam of the training loop; baselines.py adds AT, TRADES, MART, LBGAT, Asym-TRADES."""
+
+    name: str
+    attack: typing.Callable  # (model, extra, x, y, cfg) -> (the batch the clean branch sees, x')
+    loss: typing.Callable  # (model, extra, x, x', y, cfg, alpha, beta) -> (loss, {term: tensor})
+    extra: typing.Callable  # (model, cfg) -> the nn.Module it trains besides the model (predictors, a teacher)
 
 
-@torch.no_grad()
-def clean_accuracy(model, loader, device, branch="main"):
-    """Percent correct in eval mode through the main BNs (inference, Sec. 3.3) or the auxiliary ones (Table 8)."""
-    correct = total = 0
-    with train_mode(model, False), bn_branch(model, branch):
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            correct += (model(x).argmax(1) == y).sum()
-            total += len(y)
-    return 100.0 * float(correct) / max(total, 1)
+ARAT = Method("arat", arat_attack, arat_loss, InvarianceHead)
 
 
-def robust_accuracy(model, loader, device, eps, step_size, steps, norm, show_progress=False):
-    """Percent correct under PGD in eval mode through the main BNs (the paper's PGD-20 protocol)."""
-    correct = total = 0
-    progress = Progress(len(loader), 0, loader.batch_size) if show_progress else None
-    with train_mode(model, False):
-        for i, (x, y) in enumerate(loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x_adv = pgd(model, x, y, eps, step_size, steps, norm)
-            with torch.no_grad():
-                correct += (model(x_adv).argmax(1) == y).sum()
-            total += len(y)
-            if progress and ((i + 1) % max(1, len(loader) // 10) == 0 or i + 1 == len(loader)):
-                progress.update(i + 1, f"PGD-{steps} evaluation: batch {i + 1}/{len(loader)}")
-    if progress:
-        progress.end_line()
-    return 100.0 * float(correct) / max(total, 1)
+# ============================================================================================================ Plumbing
+# --------------------------------------------------------------------------------------------------------------- Config
 
 
-def load_autoattack():
-    """AutoAttack (Croce & Hein, 2020): the original package (`autoattack`, installed from its repository) when
-    present, else its PyPI repackaging `pyautoattack`, whose API is keyword-only."""
+def arg(default, help, group=None):
+    """A Config field with the help text of its flag (and, on the first field of a group, the group's title)."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclasses.dataclass
+class Config:
+    """Every flag of arat.py (`--batch-size` for `batch_size`); defaults are the paper's recipe (Sec. 4)."""
+
+    dataset: str | None = arg(None, "cifar10 | cifar100 | imagenette | a folder with train/ and val/ class folders; "
+                              "default cifar10, or the checkpoint's with --eval-only", "experiment")  # fmt: skip
+    arch: str = arg("resnet18", "resnet18 | preact18 | wrn34 (Sec. 4, Appendix E)")
+    out: str | None = arg(None, "output folder; default runs/<dataset>-<arch>-<method>-s<seed>")
+    seed: int = arg(0, "seeds data order, augmentation, initialisation and attacks")
+    resume: bool = arg(False, "continue the run in --out from its last.pt")
+    device: str | None = arg(None, "cuda | cpu | cuda:1 ...; default cuda if available, else cpu")
+    amp: str | None = arg(None, "bf16 | fp16 | off; default bf16 on GPUs and on CPUs with native bf16, else off")
+    eval_only: bool = arg(False, "evaluate --checkpoint without training", "evaluation only")
+    checkpoint: str | None = arg(None, "last.pt, best.pt, swa.pt, an --export or a baselines.py checkpoint")
+    export: str | None = arg(None, "write the inference model (main BNs, plain state_dict, inputs in [0, 1]) here")
+    data_dir: str = arg("data", "where datasets are found, or downloaded to", "data")
+    download: bool = arg(True, "download CIFAR / Imagenette into --data-dir when missing")
+    image_size: int | None = arg(None, "crop side; default 32 (CIFAR), 128 (Imagenette, as released), a folder's own")
+    workers: int | None = arg(None, "loading processes; default min(4, CPUs available)")
+    epochs: int = arg(100, "training epochs", "optimisation (Sec. 4)")
+    lr: float = arg(0.1, "SGD learning rate")
+    lr_drops: str | None = arg(None, "epochs after which the lr is divided by 10; default 75%% and 90%% of --epochs")
+    momentum: float = arg(0.9, "SGD momentum")
+    weight_decay: float = arg(5e-4, "on every parameter, predictors and BNs included (as released)")
+    batch_size: int = arg(128, "images per optimiser step")
+    max_steps: int | None = arg(None, "stop after this many optimiser steps; --resume with a larger value continues")
+    official_quirks: bool = arg(False, "reproduce the released training loop exactly (README)")
+    norm: str | None = arg(None, "linf | l2 (Appendix E); default linf, or the checkpoint's with --eval-only", "attack")
+    eps: float | None = arg(None, "training budget; default 8/255 (linf), 0.5 (l2); fractions such as 8/255 work")
+    step_size: float | None = arg(None, "PGD step; default 2/255 (linf), 0.125 (l2)")
+    attack_steps: int = arg(10, "PGD steps in training (PGD-10, Sec. 4)")
+    attack_mode: str | None = arg(None, "train | eval: BN mode of the training attack; default train (linf), eval (l2)")
+    eval_eps: float | None = arg(None, "test budget; default 8/255 (linf), 0.5 (l2), whatever --eps", "evaluation")
+    eval_step_size: float | None = arg(None, "test PGD step; default 2/255 (linf), 0.125 (l2)")
+    eval_steps: int = arg(20, "PGD-20 (Sec. 4)")
+    eval_every: int = arg(10, "PGD accuracy every this many epochs")
+    eval_n: int | None = arg(None, "test images evaluated (CIFAR: the first N; folders: a fixed class-balanced set)")
+    val_n: int = arg(0, "hold out N training images (fixed, class-balanced) to select best.pt by PGD; 0: off")
+    aa_n: int = arg(0, "after training, standard AutoAttack on N test images (paper: 10000); 0: off")
+    log_every: int = arg(50, "steps between progress lines")
+    grad_sim_every: int = arg(0, "measure Grad-sim (Table 17, Fig. 2) every N steps; 0: off", "analyses")
+    bn_stats: bool = arg(False, "log the spread of the BN running means of both BN sets every epoch (Fig. 14)")
+    tensorboard: bool = arg(False, "write the per-epoch numbers as TensorBoard scalars into <out>/tb")
+    swa: bool = arg(False, "average the weights (SWA, Table 3) and evaluate the average as well", "SWA")
+    swa_start: int | None = arg(None, "first epoch averaged; default 76%% of --epochs")
+    swa_every: int = arg(500, "optimiser steps between averaged snapshots")
+    variant: str = arg("v3", "v0 | v1 | v2 | v3 (Table 17); v3 is AR-AT", "AR-AT (Eqs. 3-8, Sec. 3.5)")
+    stop_grad: bool | None = arg(None, "sg(z) in the invariance loss (Eq. 4); default from --variant")
+    predictor: bool | None = arg(None, "predictor MLP h on z' (Eq. 6); default from --variant")
+    split_bn: bool | None = arg(None, "auxiliary BNs for clean inputs (Eq. 7); default from --variant")
+    gamma: float | None = arg(None, "invariance weight; default 30 (resnet18, preact18), 100 (wrn34); 0: plain AT")
+    layers: str | None = arg(None, "comma-separated module names regularised (Sec. 3.5); default per arch")
+    auto_balance: bool = arg(True, "alpha = Acc, beta = 1 - Acc each epoch (Eq. 8)")
+    alpha: float | None = arg(None, "fixed weight of CE(f(x'), y) with --no-auto-balance; default 1 (Table 6)")
+    beta: float | None = arg(None, "fixed weight of CE(f_aux(x), y) with --no-auto-balance; default 1 (Table 6)")
+    balance_n: int = arg(1000, "Acc of Eq. 8 on the first whole shuffled batches holding this many images")
+
+
+# fmt: off
+# Smallest valid value of each numeric flag, and the flags that must be positive (checked by `resolve`).
+MINIMUM = {"epochs": 1, "batch_size": 2, "attack_steps": 1, "eval_steps": 1, "eval_every": 1, "log_every": 1,
+           "max_steps": 1, "eval_n": 1, "balance_n": 1, "image_size": 8, "workers": 0, "aa_n": 0, "val_n": 0,
+           "grad_sim_every": 0, "gamma": 0, "alpha": 0, "beta": 0, "weight_decay": 0, "momentum": 0,
+           "swa_start": 1, "swa_every": 1}
+POSITIVE = ("lr", "eps", "step_size", "eval_eps", "eval_step_size")
+CHOICES = {"arch": ARCHS, "variant": VARIANTS, "norm": THREATS, "attack_mode": ("train", "eval"),
+           "amp": ("bf16", "fp16", "off")}
+URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "imagenette": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"}  # 9,469 train / 3,925 val
+# Flags that may differ when a run is resumed; any other difference from the checkpoint's config is refused.
+RESUMABLE = {"resume", "device", "workers", "log_every", "max_steps", "eval_every", "eval_n", "aa_n", "data_dir",
+             "download", "grad_sim_every", "bn_stats", "tensorboard", "export"}
+# fmt: on
+
+
+def _one_of(flag, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{flag}: invalid choice {value!r} (choose from {', '.join(choices)})")
+
+
+def method_label(cfg: Config):
+    """The run's name: "at" for plain AT, else the Table 17 preset that the switches match, else the switches."""
+    if cfg.gamma == 0 and not cfg.auto_balance and cfg.beta == 0:
+        return "at"
+    named = [name for name, preset in VARIANTS.items() if preset == (cfg.stop_grad, cfg.predictor, cfg.split_bn)]
+    return named[0] if named else f"sg{int(cfg.stop_grad)}-pred{int(cfg.predictor)}-sbn{int(cfg.split_bn)}"
+
+
+def resolve(cfg: Config, label=method_label) -> Config:
+    """Check every flag and fill in the derived defaults, once; returns a new Config. `label(cfg)` names the run."""
+    if cfg.eval_only and not cfg.checkpoint:
+        raise ConfigError("--eval-only: give the model to evaluate with --checkpoint PATH")
+    saved = read_checkpoint(cfg.checkpoint)[1] if cfg.eval_only else {}  # what the model was trained with
+    dataset, norm = cfg.dataset or saved.get("dataset", "cifar10"), cfg.norm or saved.get("norm", "linf")
+    cfg = dataclasses.replace(cfg, dataset=dataset, norm=norm, arch=saved.get("arch", cfg.arch))
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) is not None:
+            _one_of("--" + name.replace("_", "-"), getattr(cfg, name), list(choices))
+    for name, low in MINIMUM.items():
+        if (value := getattr(cfg, name)) is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
+    for name in POSITIVE:
+        if (value := getattr(cfg, name)) is not None and not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
+    if cfg.dataset not in URLS and not Path(cfg.dataset).is_dir():
+        raise ConfigError(f"--dataset: {cfg.dataset!r} is neither one of {', '.join(URLS)} nor a folder")
+    if cfg.auto_balance and (cfg.alpha is not None or cfg.beta is not None):
+        raise ConfigError("--alpha/--beta: fixed weights need --no-auto-balance (auto-balance sets them, Eq. 8)")
+    if cfg.dataset in ("cifar10", "cifar100") and cfg.image_size not in (None, 32):
+        raise ConfigError(f"--image-size: CIFAR images are 32x32, got {cfg.image_size}; it applies to image folders")
+    if cfg.lr_drops and not re.fullmatch(r"\d+(,\d+)*", cfg.lr_drops):
+        raise ConfigError(f"--lr-drops: give epochs separated by commas, such as 75,90, not {cfg.lr_drops!r}")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {device!r} is not available here (cpu, or cuda, cuda:1 ... on a GPU machine)")
+
+    switches = zip((cfg.stop_grad, cfg.predictor, cfg.split_bn), VARIANTS[cfg.variant])
+    sg, pred, split = (default if given is None else given for given, default in switches)
+    gamma = ARCHS[cfg.arch][0] if cfg.gamma is None else cfg.gamma
+    layers = ARCHS[cfg.arch][1] if cfg.layers is None else [n.strip() for n in cfg.layers.split(",") if n.strip()]
+    if gamma > 0 and not layers:
+        raise ConfigError("--layers: give at least one module name, or --gamma 0 for no invariance term")
+    alpha, beta = (1.0 if w is None else w for w in (cfg.alpha, cfg.beta))  # fixed weights: 1 and 1 (Table 6)
+    cfg = dataclasses.replace(cfg, stop_grad=sg, predictor=pred, split_bn=saved.get("split_bn", split), alpha=alpha)
+    cfg = dataclasses.replace(cfg, beta=beta, gamma=gamma, layers=",".join(layers) if gamma > 0 else "")  # 0: plain AT
+    eps, step = THREATS[cfg.norm]
+    cfg = dataclasses.replace(cfg, eps=cfg.eps or eps, step_size=cfg.step_size or step, eval_eps=cfg.eval_eps or eps)
+    amp = "bf16" if bf16_supported(device.split(":")[0]) and not cfg.official_quirks else "off"  # released: fp32
+    mode = "train" if cfg.norm == "linf" else "eval"  # as released (torchattacks' L2 attack runs in eval mode)
+    drops, swa_start = f"{round(0.75 * cfg.epochs)},{round(0.9 * cfg.epochs)}", max(1, round(0.76 * cfg.epochs))
+    cfg = dataclasses.replace(cfg, eval_step_size=cfg.eval_step_size or step, device=device, amp=cfg.amp or amp)
+    cfg = dataclasses.replace(cfg, attack_mode=cfg.attack_mode or mode, lr_drops=cfg.lr_drops or drops)
+    size = {"cifar10": 32, "cifar100": 32, "imagenette": 128}.get(cfg.dataset)  # Imagenette: 128 crops, as released
+    size = cfg.image_size or saved.get("image_size") or size or _folder_image_size(Path(cfg.dataset))
+    workers = min(4, len(os.sched_getaffinity(0))) if cfg.workers is None else cfg.workers
+    cfg = dataclasses.replace(cfg, image_size=size, workers=workers, swa_start=cfg.swa_start or swa_start)
+    ckpt, name = Path(cfg.checkpoint or "."), Path(cfg.dataset).name
+    out = ckpt.parent / f"eval-{ckpt.stem}" if cfg.eval_only else f"runs/{name}-{cfg.arch}-{label(cfg)}-s{cfg.seed}"
+    return dataclasses.replace(cfg, out=cfg.out or str(out))
+
+
+def bf16_supported(device_type):
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # On a CPU, native bf16 (AVX512-BF16 or AMX) runs ~2-3x faster than fp32; emulated bf16 (AVX2) is slower.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent in some torch builds
+    return device_type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the message names the flag
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(text):
+    """Floats, and fractions such as 8/255."""
     try:
-        from autoattack import AutoAttack
-
-        return AutoAttack, True
-    except ImportError:
-        from pyautoattack import AutoAttack
-
-        return AutoAttack, False
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
 
 
-def autoattack_accuracy(model, loader, device, eps, norm, n):
-    """Percent of the first n images of `loader` still correct under standard AutoAttack, main BNs, fp32."""
-    AutoAttack, original = load_autoattack()
-    log = logging.getLogger("auto-attack")  # where pyautoattack reports each attack's progress
-    if not original and not log.handlers:
-        log.addHandler(logging.StreamHandler(sys.stdout))
-        log.setLevel(logging.DEBUG)
-    xs, ys = zip(*[(x, y) for x, y in loader])
-    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
-    with train_mode(model, False):
-        adversary = AutoAttack(
-            model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard", device=device
+def parse_args(argv=None, config=Config, prog="arat.py") -> Config:
+    """A flag per field of `config` (Config or a subclass), with the field's own type, default, help and group."""
+    parser = _Parser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    hints, group = typing.get_type_hints(config), parser  # types also where annotations are strings
+    for f in dataclasses.fields(config):
+        if "help" not in f.metadata:  # no field may be without its flag
+            raise TypeError(f"{config.__name__}.{f.name}: declare it with arg(default, help) to give it a flag")
+        group = parser.add_argument_group(f.metadata["group"]) if f.metadata["group"] else group
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # int | None
+        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"metavar": f.name.upper()}
+        how |= {} if kind is bool else {"type": _number if kind is float else kind}
+        action = group.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **how)
+        if f.default is not None and "%(default)" not in action.help:
+            action.help += " (default: %(default)s)"
+    return config(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------------------- Data
+
+
+class Images:
+    """A torchvision dataset (CIFAR, or an image folder with a subfolder per class) read by DataLoader workers, in
+    [0, 1] without mean/std normalisation. Training takes random crops after 4 px zero padding and flips (Sec. 4; on
+    Imagenette 128 px crops of the 160 px images, as released), evaluation the centre crop: nothing is resized."""
+
+    def __init__(self, dataset, size, workers, device):
+        self.plain, self.augmented = dataset, copy.copy(dataset)
+        self.plain.transform = T.Compose([T.CenterCrop(size), T.ToTensor()])
+        self.augmented.transform = T.Compose([T.RandomCrop(size, 4, True), T.RandomHorizontalFlip(), T.ToTensor()])
+        self.targets, self.classes, self.workers, self.device = dataset.targets, dataset.classes, workers, device
+
+    def batches(self, index_batches, seed=None):
+        """The given batches, on the device; augmented when `seed` is given, which alone decides the augmentation."""
+        loader = torch.utils.data.DataLoader(
+            self.plain if seed is None else self.augmented,
+            batch_sampler=[b.tolist() for b in index_batches],
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed or 0),  # worker seeds come from it, not from the global RNG
         )
-        if original:
-            _, y_adv = adversary.run_standard_evaluation(x, y, bs=loader.batch_size, return_labels=True)
+        return ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in loader)
+
+
+def load_data(cfg: Config, device):
+    """(train images, test images, number of classes); CIFAR and Imagenette are downloaded when missing."""
+    try:
+        if cfg.dataset in ("cifar10", "cifar100"):
+            cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
+            sets = [cls(cfg.data_dir, train=train, download=cfg.download) for train in (True, False)]
         else:
-            _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=loader.batch_size)
-    return 100.0 * (y_adv.cpu() == y).float().mean().item()
+            root = Path(cfg.dataset)
+            if cfg.dataset == "imagenette":  # the 160 px release, read as an image folder
+                datasets.Imagenette(cfg.data_dir, "train", "160px", download=cfg.download)  # extracts train/, val/
+                root = Path(cfg.data_dir) / "imagenette2-160"
+            sets = [datasets.ImageFolder(root / split) for split in ("train", "val")]
+    except (RuntimeError, OSError) as e:  # missing with --no-download, or offline (URLError is an OSError)
+        if cfg.dataset not in URLS:
+            raise ConfigError(
+                f"--dataset: {e} (a folder dataset needs train/ and val/, a subfolder per class)"
+            ) from None
+        why = "--no-download was given" if not cfg.download else f"downloading it failed ({e})"
+        where = f"{URLS[cfg.dataset]} and extract it in {os.path.abspath(cfg.data_dir)}, or point --data-dir at it"
+        raise ConfigError(f"--dataset {cfg.dataset}: not found in {cfg.data_dir} and {why}; download {where}") from None
+    if sets[0].classes != sets[1].classes:
+        raise ConfigError(f"--dataset: train/ and val/ of {cfg.dataset} have different class folders")
+    return *(Images(s, cfg.image_size, cfg.workers, device) for s in sets), len(sets[0].classes)
+
+
+def _folder_image_size(root: Path):
+    """A folder's default crop: its images' own (shorter) side. Mixed sizes are refused: which crop is unclear."""
+    try:
+        paths = [p for split in ("train", "val") for p, _ in datasets.ImageFolder(root / split).samples]
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(f"--dataset: {e} (a folder dataset needs train/ and val/, a subfolder per class)") from None
+    sizes = {}
+    for path in paths:
+        with PIL.Image.open(path) as image:
+            sizes.setdefault(image.size, path)
+    if len(sizes) > 1:
+        (a, p), (b, q) = list(sizes.items())[:2]
+        raise ConfigError(f"--image-size: {root} mixes sizes ({a} {p}, {b} {q}); --image-size N crops all to N x N")
+    return min(next(iter(sizes)))
+
+
+def index_batches(indices, batch_size, seed=None, drop_last=False):
+    """The batches of one pass over `indices`, shuffled by `seed` unless it is None."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if seed is not None:
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
+    stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
+    return [idx[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def balanced_order(targets, seed=0):
+    """Every index once, the classes taking turns (a fixed seeded shuffle within each class), so that any prefix is
+    a class-balanced sample: image folders are stored class by class, and their first N images are one class."""
+    by_class = {}
+    for i in torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed)).tolist():
+        by_class.setdefault(targets[i], []).append(i)
+    return [i for turn in itertools.zip_longest(*by_class.values()) for i in turn if i is not None]
+
+
+def eval_indices(cfg: Config, data, n):
+    """The evaluated test images: CIFAR's first n (RobustBench's convention), a folder's fixed class-balanced n."""
+    n = min(n or len(data.targets), len(data.targets))
+    return list(range(n)) if cfg.dataset in ("cifar10", "cifar100") else balanced_order(data.targets)[:n]
+
+
+# ------------------------------------------------------------------------------------------------------------- Evaluate
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that contradicts itself (an example out of its ball, PGD above clean, AutoAttack above PGD)
+    reveals a bug or gradient masking: the run stops rather than report the number."""
+
+
+def _check_ball(x_adv, x, eps, norm, attack):
+    dist = (x_adv - x).flatten(1)
+    dist = (dist.abs().amax(1) if norm == "linf" else dist.norm(dim=1)).max().item()
+    if dist > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
+        raise EvaluationError(
+            f"{attack}: an example lies {dist:.6g} from its image ({norm} eps {eps:.6g}) or off [0, 1]"
+        )
+
+
+def evaluate(model, data, indices, cfg: Config, branch="main", attack=True, seed=None, label=None):
+    """Percent correct in eval mode through the main BNs (inference, Sec. 3.3) or the auxiliary ones (Table 8); with
+    `attack` also under PGD at the evaluation budget, each example checked to lie in its ball, and the mean cosine
+    similarity of clean and adversarial penultimate features (Table 5). `seed` augments the images."""
+    tap, batches, start = FeatureTap(model, [ARCHS[cfg.arch][2]]), index_batches(indices, cfg.batch_size), time.time()
+    device = next(model.parameters()).device
+    sums = torch.zeros(3, device=device)  # clean correct, PGD correct, cosine
+    try:  # PGD's random starts from an RNG of their own: the same figures whenever it runs, and training unaffected
+        with torch.random.fork_rng([device] if device.type == "cuda" else []), train_mode(model, False):
+            torch.manual_seed(cfg.seed)
+            for i, (x, y) in enumerate(data.batches(batches, seed), 1):
+                with torch.no_grad(), bn_branch(model, branch), tap.capture() as z:
+                    sums[0] += (model(x).argmax(1) == y).sum()
+                if attack:
+                    with bn_branch(model, branch):
+                        x_adv = pgd(model, x, y, cfg.eval_eps, cfg.eval_step_size, cfg.eval_steps, cfg.norm)
+                    _check_ball(x_adv, x, cfg.eval_eps, cfg.norm, f"PGD-{cfg.eval_steps}")
+                    with torch.no_grad(), bn_branch(model, branch), tap.capture() as z_adv:
+                        sums[1] += (model(x_adv).argmax(1) == y).sum()
+                    sums[2] += F.cosine_similarity(*(f[tap.names[0]].float() for f in (z, z_adv))).sum()
+                if label and (i % max(1, len(batches) // 10) == 0 or i == len(batches)):
+                    print(f"{label} ({branch} BNs): batch {i}/{len(batches)} | {eta(start, i, len(batches) - i)}")
+    finally:
+        tap.remove()
+    clean, robust, cos = (100 * v / max(len(indices), 1) for v in sums.tolist())
+    if attack and robust > clean:
+        raise EvaluationError(
+            f"PGD-{cfg.eval_steps} accuracy {robust:.2f}% exceeds clean accuracy {clean:.2f}% on the same "
+            f"{len(indices)} images ({branch} BNs): the attack helps the model, so something is broken"
+        )
+    return {"clean": clean} | ({"robust": robust, "cos": cos / 100} if attack else {})
+
+
+def autoattack(model, data, indices, cfg: Config):
+    """Standard AutoAttack (Croce & Hein, 2020), eval mode, main BNs, fp32: the original package (`autoattack`, from
+    its repository) when installed, else its PyPI repackaging `pyautoattack`, whose API is keyword-only. Returns the
+    record metrics.json keeps, with the robust accuracy after each of the four attacks (APGD-CE, APGD-T, FAB-T,
+    Square): a large drop after APGD-CE alone is the classic sign of gradient masking."""
+    try:
+        import autoattack as package
+    except ImportError:
+        import pyautoattack as package
+    x, y = (torch.cat(t) for t in zip(*data.batches(index_batches(indices, cfg.batch_size))))
+    lines, log, handler = [], logging.getLogger("auto-attack"), logging.Handler()  # pyautoattack logs each attack
+    handler.emit = lambda record: (lines.append(record.getMessage()), print(lines[-1], flush=True))
+    settings = {"norm": {"linf": "Linf", "l2": "L2"}[cfg.norm], "eps": cfg.eval_eps, "seed": cfg.seed}
+    level, log_path = log.level, Path(cfg.out) / "autoattack.log"
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        with train_mode(model, False):
+            if package.__name__ == "autoattack":  # it prints its progress, and writes the same lines to log_path
+                adversary = package.AutoAttack(
+                    model, version="standard", device=x.device, log_path=log_path, **settings
+                )
+                x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size, return_labels=True)
+                lines += log_path.read_text().splitlines() if log_path.exists() else []
+            else:
+                adversary = package.AutoAttack(model, version="standard", device=x.device, **settings)
+                x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=cfg.batch_size)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    _check_ball(x_adv, x, cfg.eval_eps, cfg.norm, "AutoAttack")
+    try:
+        version = importlib.metadata.version(package.__name__)
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(package, "__version__", "unknown")
+    after = re.findall(r"robust accuracy after ([\w-]+): ([\d.]+)%", "\n".join(lines))
+    acc = 100 * (y_adv.to(y.device) == y).float().mean().item()
+    record = {"acc": acc, "n": len(y), "after": {a.lower(): float(v) for a, v in after}, "version": "standard"}
+    return record | settings | {"package": package.__name__, "package_version": version}
+
+
+def reestimate_bn(model, data, indices, cfg: Config, autocast):
+    """BN statistics for averaged (SWA) weights over one pass of the training images: the main BNs on PGD examples of
+    the averaged model, the auxiliary BNs on the clean images, exact averages (momentum None). The attack normalises
+    with batch statistics but moves none (the released code let it, and left the auxiliary BNs reset)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    with train_mode(model, True), autocast():
+        for x, y in data.batches(index_batches(indices, cfg.batch_size, cfg.seed), cfg.seed):
+            for m in bns:
+                m.track_running_stats = False  # batch statistics, no update
+            x_adv = pgd(model, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm)
+            for m in bns:
+                m.track_running_stats = True
+            with torch.no_grad(), bn_branch(model, "aux"):
+                model(x)
+            with torch.no_grad():
+                model(x_adv)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ Checkpoints, logs
 
 
 def save_checkpoint(state: dict, path: Path):
@@ -734,223 +816,314 @@ def save_checkpoint(state: dict, path: Path):
     os.replace(tmp, path)
 
 
-class Progress:
-    """The live line: rewritten in place on a terminal, one line per update in a log file; images/s and ETA."""
-
-    def __init__(self, total_steps, step, batch_size):
-        self.total, self.batch_size, self.tty = total_steps, batch_size, sys.stdout.isatty()
-        self.start, self.step0 = time.time(), step
-        self.last_time, self.last_step = self.start, step
-
-    def update(self, step, text):
-        now = time.time()
-        rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
-        eta = (self.total - step) * (now - self.start) / max(step - self.step0, 1)
-        line = f"{text} | {rate:.0f} img/s | ETA {self.clock(eta)}"
-        print(f"\r{line}", end="", flush=True) if self.tty else print(line, flush=True)
-        self.last_time, self.last_step = now, step
-
-    def end_line(self):
-        if self.tty:
-            print()
-
-    @staticmethod
-    def clock(seconds):
-        seconds = int(seconds)
-        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def train_epoch(parts, tap, loader, autocast, cfg, alpha, beta, step, progress, epoch):
-    """One epoch of Eq. 7 steps; returns the epoch's mean loss terms (accuracies in percent) and the step count."""
-    model, predictors, optimizer, scaler = (parts[k] for k in ("model", "predictors", "optimizer", "scaler"))
-    model.train()
-    predictors.train()
-    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # theta of Grad-sim
-    sums, sims, n = {}, [], 0
-    for i, (x, y) in enumerate(loader):
-        x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
-        with autocast():
-            loss, terms = train_step(model, predictors, tap, x, y, cfg, alpha, beta)
-        if cfg.grad_sim_every and step % cfg.grad_sim_every == 0 and "inv" in terms:
-            cls_loss = alpha * terms["ce_adv"] + beta * terms.get("ce_clean", 0)
-            sims.append(torch.stack(gradient_similarity(cls_loss, terms["inv"], weights)))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        step, n = step + 1, n + 1
-        for k, v in {"loss": loss, **terms}.items():  # summed on the device: the host syncs only at log points
-            sums[k] = sums.get(k, 0) + v.detach().float()
-        stop = step == cfg.max_steps
-        if step % cfg.log_every == 0 or i + 1 == len(loader) or stop:
-            m = {k: (v / n).item() for k, v in sums.items()}
-            terms_text = (
-                f"loss {m['loss']:.3f} ce' {m['ce_adv']:.3f} ce {m.get('ce_clean', 0):.3f} inv {m.get('inv', 0):.3f}"
-            )
-            progress.update(
-                step,
-                f"ep {epoch + 1}/{cfg.epochs} step {i + 1}/{len(loader)} | {terms_text} | a {alpha:.3f} b {beta:.3f}",
-            )
-        if stop:
-            break
-    progress.end_line()
-    means = {k: (v / n).item() * (100 if k.startswith("acc") else 1) for k, v in sums.items()}
-    if sims:
-        means["grad_sim"], means["conflict_frac"] = torch.stack(sims).mean(0).tolist()
-    return means, step
-
-
-def rng_states(device):
-    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
-
-
-# Flags that may differ when a run is resumed; any other difference from the checkpoint's config is refused.
-RESUMABLE_CHANGES = set("resume device workers log_every max_steps eval_every eval_n aa_n grad_sim_every".split())
-RESUMABLE_CHANGES |= {"data_dir", "download"}
-
-
-def load_checkpoint(path, cfg, parts):
-    """Restore every part (model, predictors, optimizer, scheduler, scaler) and the RNGs.
-
-    Returns the number of finished epochs, of optimiser steps, and the last epoch's log record."""
-    ckpt = torch.load(path, map_location=cfg.device, weights_only=False)
-    for k, v in ckpt["config"].items():
-        if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v:
-            flag, now = "--" + k.replace("_", "-"), getattr(cfg, k)
-            raise ConfigError(f"--resume: {path} was trained with {flag} {v}, not {now}; resume with the same settings")
-    for name, part in parts.items():
-        part.load_state_dict(ckpt[name])
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    random.setstate(ckpt["rng"]["python"])
-    if ckpt["rng"]["cuda"] is not None and cfg.device.startswith("cuda"):
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-    return ckpt["epoch"], ckpt["step"], ckpt["record"]
-
-
-def run(cfg: Config) -> dict:
-    """Train as configured (cfg already resolved); write <out>/log.jsonl, last.pt and metrics.json."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    out = Path(cfg.out)
-    ckpt_path = out / "last.pt"
-    if cfg.resume and not ckpt_path.exists():
-        raise ConfigError(f"--resume: there is no checkpoint at {ckpt_path}")
-    if not cfg.resume and ckpt_path.exists():
-        raise ConfigError(f"--out: {out} already holds a run; add --resume to continue it, or choose another --out")
-    train_set, test_set, num_classes = load_data(cfg)
-    if cfg.aa_n and num_classes < 10:
-        raise ConfigError(f"--aa-n: standard AutoAttack needs at least 10 classes (9 targets), not {num_classes}")
-
-    device = torch.device(cfg.device)
-    model = build_model(cfg.arch, num_classes, cfg.split_bn).to(device)
-    tap = FeatureTap(model, cfg.layers.split(",") if cfg.layers else [])
-    dims = tap.dims(model, cfg.image_size, device)
-    predictors = nn.ModuleList(make_predictor(d) if cfg.predictor else nn.Identity() for d in dims).to(device)
-    params = [*model.parameters(), *predictors.parameters()]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    schedule = functools.partial(lr_factor, epochs=cfg.epochs, official_quirks=cfg.official_quirks)
-    # One place for precision: bf16 autocast needs no loss scaling; fp16 needs GradScaler (and pgd scales its loss).
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    parts = {
-        "model": model,
-        "predictors": predictors,
-        "optimizer": optimizer,
-        "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-        "scaler": torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
-    }  # everything last.pt holds
-    start_epoch, step, record = load_checkpoint(ckpt_path, cfg, parts) if cfg.resume else (0, 0, None)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    logged = [json.loads(line)["epoch"] for line in log_path.open()] if log_path.exists() else []
-    if start_epoch and start_epoch not in logged:  # the run stopped between a checkpoint and its log line
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-    print(json.dumps(dataclasses.asdict(cfg), indent=1), flush=True)
-
-    train_loader = make_loader(train_set, cfg, train=True)
-    if len(train_loader) == 0:
-        raise ConfigError(f"--batch-size: {cfg.batch_size} is larger than the {len(train_set)} training images")
-    test_loader = make_loader(test_set, cfg, train=False, indices=range(min(cfg.eval_n or math.inf, len(test_set))))
-    progress = Progress(min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf), step, cfg.batch_size)
-    pgd_key = f"pgd{cfg.eval_steps}_acc"
-
-    def evaluate(with_pgd, final):
-        # The reported (last) evaluation runs in fp32 so that it does not depend on the training precision.
-        with contextlib.nullcontext() if final else autocast():
-            rec = {"clean_acc": clean_accuracy(model, test_loader, device, "main")}
-            rec["clean_acc_aux"] = clean_accuracy(model, test_loader, device, "aux") if cfg.split_bn else None
-            if with_pgd:
-                attack = (cfg.eval_eps, cfg.eval_step_size, cfg.eval_steps, cfg.norm)
-                rec[pgd_key] = robust_accuracy(model, test_loader, device, *attack, show_progress=True)
-        return rec
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_steps and step >= cfg.max_steps:
-            break
-        epoch_start, seed = time.time(), cfg.seed * 1_000_003 + epoch
-        # Eq. 8 with Acc of the model before this epoch, in eval mode through the auxiliary BNs, on ~1000 augmented
-        # training images as released (epoch 1 starts near chance, so beta ~ 1 at first). They are drawn afresh each
-        # epoch: folder datasets are stored class by class, so "the first 1000" would be one or two classes.
-        sample = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[: cfg.balance_n]
-        balance_loader = seed_loader(make_loader(train_set, cfg, train=False, indices=sample.tolist()), seed)
-        with autocast():
-            acc = clean_accuracy(model, balance_loader, device, "aux") / 100
-        alpha, beta = auto_balance(acc) if cfg.auto_balance else (cfg.alpha, cfg.beta)
-        lr = optimizer.param_groups[0]["lr"]
-
-        train_start, step_before = time.time(), step
-        loader = seed_loader(train_loader, seed)
-        means, step = train_epoch(parts, tap, loader, autocast, cfg, alpha, beta, step, progress, epoch)
-        images_per_s = (step - step_before) * cfg.batch_size / (time.time() - train_start)
-        parts["scheduler"].step()
-
-        final = epoch + 1 == cfg.epochs or step == cfg.max_steps
-        with_pgd = (epoch + 1) % cfg.eval_every == 0 or final
-        rec = dict(epoch=epoch + 1, step=step, lr=lr, alpha=alpha, beta=beta, balance_acc=100 * acc)
-        rec |= means | evaluate(with_pgd, final) | dict(images_per_s=images_per_s, time=time.time() - progress.start)
-        # The checkpoint first: on resume it decides where training continues; the log only reports.
-        state = {name: part.state_dict() for name, part in parts.items()}
-        state |= dict(epoch=epoch + 1, step=step, config=dataclasses.asdict(cfg), num_classes=num_classes, record=rec)
-        save_checkpoint(state | {"rng": rng_states(device)}, ckpt_path)
-        with log_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        record = rec
-        aux = "  n/a " if rec["clean_acc_aux"] is None else f"{rec['clean_acc_aux']:5.2f}%"
-        robust = f"  PGD-{cfg.eval_steps} {rec[pgd_key]:5.2f}%" if with_pgd else ""
-        print(
-            f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {lr:.4f}  a {alpha:.3f}  loss {rec['loss']:.3f}  train adv "
-            f"{rec['acc_adv']:5.1f}%  test clean {rec['clean_acc']:5.2f}% (aux {aux}){robust}  "
-            f"{Progress.clock(time.time() - epoch_start)}",
-            flush=True,
-        )
-
-    # From the last epoch's record, which always has a PGD evaluation.
-    metrics = {k: record[k] for k in ("clean_acc", "clean_acc_aux", pgd_key)} | {"n_eval": len(test_loader.dataset)}
-    metrics |= dict(norm=cfg.norm, eval_eps=cfg.eval_eps, eval_step_size=cfg.eval_step_size, epochs=record["epoch"])
-    metrics |= dict(steps=record["step"], method=method_label(cfg), config=dataclasses.asdict(cfg))
-    summary = f"clean {metrics['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {metrics[pgd_key]:.2f}% on {metrics['n_eval']}"
-    if cfg.aa_n:
-        aa_loader = make_loader(test_set, cfg, train=False, indices=range(min(cfg.aa_n, len(test_set))))
-        metrics["aa_acc"] = autoattack_accuracy(model, aa_loader, device, cfg.eval_eps, cfg.norm, cfg.aa_n)
-        metrics["n_aa"] = len(aa_loader.dataset)
-        summary += f"  AutoAttack {metrics['aa_acc']:.2f}% on {metrics['n_aa']}"
-    with open(out / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=1)
-    print(f"final: {summary} test images -> {out / 'metrics.json'}", flush=True)
-    return metrics
-
-
-def main(cfg: Config) -> dict:
+def read_checkpoint(path):
+    """(model state_dict, settings) of last.pt, best.pt, swa.pt, a baselines.py checkpoint or an exported model."""
     try:
-        return run(resolve(cfg))
-    except ConfigError as e:
-        print(f"arat.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ConfigError(f"--checkpoint: cannot read {path} ({e})") from None
+    if "model" in ckpt and "config" in ckpt:
+        settings = {k: ckpt["config"][k] for k in ("arch", "split_bn", "image_size", "dataset", "norm")}
+        return ckpt["model"], settings | {"num_classes": ckpt["num_classes"]}
+    classes = ckpt["fc.weight"].shape[0] if torch.is_tensor(ckpt.get("fc.weight")) else 0
+    for arch in ARCHS:  # an exported model: the architecture with the same state_dict keys and shapes
+        with torch.device("meta"):
+            ref = build_model(arch, classes, split_bn=False).state_dict()
+        if ref.keys() == ckpt.keys() and all(ref[k].shape == ckpt[k].shape for k in ref):
+            return ckpt, {"arch": arch, "split_bn": False, "num_classes": classes}
+    raise ConfigError(f"--checkpoint: {path} is neither a checkpoint of arat.py or baselines.py nor an exported model")
+
+
+def rng(device, states=None):
+    """The RNG states (torch, Python, this CUDA device); given states, restores them instead."""
+    if states is None:
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+    torch.set_rng_state(states["torch"].cpu())
+    random.setstate(states["python"])
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+def eta(start, done, left):
+    """Speed and time left, from the time since `start` and the work done since then."""
+    elapsed = time.time() - start
+    s = int(elapsed * left / max(done, 1))
+    return f"{done / max(elapsed, 1e-9):.2f} it/s | ETA {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------------------------------ Run
+
+
+class Run:
+    """One run of a method (AR-AT, or one of baselines.py's) from a resolved Config: `train`, then `report`. With
+    --eval-only it holds the checkpoint's model alone."""
+
+    def __init__(self, cfg: Config, method: Method = ARAT, label="v3"):
+        self.cfg, self.method, self.label, self.out = cfg, method, label, Path(cfg.out)
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if not cfg.eval_only and cfg.resume != (self.out / "last.pt").exists():
+            if cfg.resume:
+                raise ConfigError(f"--resume: there is no checkpoint at {self.out / 'last.pt'}")
+            raise ConfigError(f"--out: {self.out} already holds a run; add --resume to continue it, or choose another")
+        self.train_set, self.test_set, self.classes = load_data(cfg, self.device)
+        if cfg.aa_n and self.classes < 10:
+            raise ConfigError(f"--aa-n: standard AutoAttack needs at least 10 classes (9 targets), not {self.classes}")
+        self.test_idx = eval_indices(cfg, self.test_set, cfg.eval_n)
+        self.val_idx = balanced_order(self.train_set.targets)[: cfg.val_n]  # the same images whatever --seed
+        self.train_idx = sorted(set(range(len(self.train_set.targets))) - set(self.val_idx))
+        if not cfg.eval_only and len(self.train_idx) < cfg.batch_size:
+            raise ConfigError(f"--batch-size: {cfg.batch_size} is more than the {len(self.train_idx)} training images")
+        # One place for precision: bf16 autocast needs no loss scaling; fp16 needs GradScaler (and pgd scales its loss).
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=dtype, enabled=dtype is not None)
+        self.model = build_model(cfg.arch, self.classes, cfg.split_bn).to(self.device)
+        self.swa = self.best = self.record = None
+        self.epoch = self.step = self.batch = 0  # finished epochs, optimiser steps, batches done in the epoch
+        if cfg.eval_only:
+            state, saved = read_checkpoint(cfg.checkpoint)
+            if saved["num_classes"] != self.classes:
+                raise ConfigError(f"--dataset: {cfg.dataset} has {self.classes} classes, not {saved['num_classes']}")
+            self.model.load_state_dict(state)
+            return
+        self.extra = method.extra(self.model, cfg).to(self.device)
+        params = [*self.model.parameters(), *self.extra.parameters()]
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        drops = [int(d) for d in cfg.lr_drops.split(",")]
+        factor = functools.partial(lr_factor, drops=drops, official_quirks=cfg.official_quirks, lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.swa = torch.optim.swa_utils.AveragedModel(self.model) if cfg.swa else None  # equal weights
+        self.weights = [m.weight for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # Grad-sim
+        if cfg.resume:
+            self.load(self.out / "last.pt")
+
+    def parts(self):
+        return {name: getattr(self, name) for name in ("model", "extra", "optimizer", "scheduler", "scaler")}
+
+    def state(self, model):
+        """A checkpoint --eval-only can rebuild the model from: its weights, the config and the number of classes."""
+        return {"model": model.state_dict(), "config": dataclasses.asdict(self.cfg), "num_classes": self.classes}
+
+    def load(self, path):
+        """--resume: every part, the RNGs, the position in training (inside an epoch after --max-steps) and SWA."""
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        for k, v in ckpt["config"].items():
+            if k not in RESUMABLE and getattr(self.cfg, k, v) != v:
+                now, k = getattr(self.cfg, k), k.replace("_", "-")
+                raise ConfigError(f"--resume: {path} was trained with --{k} {v}, not {now}; resume with the same flags")
+        for name, part in self.parts().items():
+            part.load_state_dict(ckpt[name])
+        rng(self.device, ckpt["rng"])
+        names = ("epoch", "step", "batch", "record", "best")
+        self.epoch, self.step, self.batch, self.record, self.best = (ckpt[k] for k in names)
+        if self.swa is not None and (self.out / "swa.pt").exists():
+            swa = torch.load(self.out / "swa.pt", map_location=self.device, weights_only=False)
+            self.swa.module.load_state_dict(swa["model"])
+            self.swa.n_averaged.fill_(swa["n_averaged"])
+
+    def train_step(self, x, y, alpha, beta, grad_sim=False):
+        """One step of the method: its attack, its loss, one backward, one SGD step; returns the loss terms."""
+        with self.autocast():
+            x, x_adv = self.method.attack(self.model, self.extra, x, y, self.cfg)
+            loss, terms = self.method.loss(self.model, self.extra, x, x_adv, y, self.cfg, alpha, beta)
+        if grad_sim and "inv" in terms:  # Table 17, on the step's own graph: no gradient or weight changes
+            terms["grad_sim"], terms["conflict_frac"] = gradient_similarity(terms["cls"], terms["inv"], self.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": loss} | terms
+
+    def train_epoch(self, seed, alpha, beta, start):
+        """Steps from batch self.batch of epoch self.epoch to its end or to --max-steps; returns the mean terms."""
+        cfg = self.cfg
+        self.model.train()
+        self.extra.train()
+        batches = index_batches(self.train_idx, cfg.batch_size, seed, drop_last=not cfg.official_quirks)
+        stream = self.train_set.batches(batches, seed)
+        if self.batch:  # resuming inside the epoch: skip what was trained, then go on with the checkpoint's RNG
+            states = rng(self.device)
+            for _ in itertools.islice(stream, self.batch):
+                pass
+            rng(self.device, states)
+        sums, counts, total = {}, {}, min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
+        for x, y in stream:
+            terms = self.train_step(x, y, alpha, beta, cfg.grad_sim_every and self.step % cfg.grad_sim_every == 0)
+            self.step, self.batch = self.step + 1, self.batch + 1
+            if self.swa is not None and self.epoch + 1 >= cfg.swa_start and self.step % cfg.swa_every == 0:
+                self.swa.update_parameters(self.model)
+            for k, v in terms.items():  # summed on the device: the host syncs only at log points
+                sums[k], counts[k] = sums.get(k, 0) + v.detach().double(), counts.get(k, 0) + 1
+            if self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total:
+                shown = " ".join(
+                    f"{k} {(sums[k] / counts[k]).item():.3f}" for k in ("loss", "ce_adv", "inv") if k in sums
+                )
+                where = f"epoch {self.epoch + 1} step {self.batch}/{len(batches)}"
+                print(f"{where} | {shown} | {eta(start[0], self.step - start[1], total - self.step)}", flush=True)
+            if self.step == cfg.max_steps:
+                break
+        if self.batch == len(batches):
+            self.epoch, self.batch = self.epoch + 1, 0
+            self.scheduler.step()
+        means = {k: (v / counts[k]).item() * (100 if k.startswith("acc") else 1) for k, v in sums.items() if k != "cls"}
+        if cfg.bn_stats:  # Fig. 14: the variance of each BN layer's running means, averaged over the layers of a set
+            aux = [m.aux for m in self.model.modules() if isinstance(m, SplitBatchNorm2d)]
+            main = [m for m in self.model.modules() if type(m) is nn.BatchNorm2d and all(m is not a for a in aux)]
+            for k, bns in (("main", main), ("aux", aux)):
+                means |= {f"bn_var_{k}": statistics.fmean(m.running_mean.var().item() for m in bns)} if bns else {}
+        return means
+
+    def train(self):
+        """The epochs: auto-balance (Eq. 8), method steps, evaluation, checkpoints, logs; resumable at any point."""
+        cfg, log, start, writer = self.cfg, self.out / "log.jsonl", (time.time(), self.step), None
+        self.out.mkdir(parents=True, exist_ok=True)
+        logged = [json.loads(line)["step"] for line in log.open()] if log.exists() else []
+        if self.record and self.record["step"] not in logged:  # it stopped between a checkpoint and its log line
+            log.open("a").write(json.dumps(self.record) + "\n")
+        print(json.dumps(dataclasses.asdict(cfg)), flush=True)
+        if cfg.tensorboard:  # optional: nothing else needs it
+            try:
+                writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter(self.out / "tb")
+            except ImportError:
+                raise ConfigError("--tensorboard: TensorBoard is not installed; pip install tensorboard") from None
+        while self.epoch < cfg.epochs and self.step < (cfg.max_steps or math.inf):
+            epoch, seed, step, epoch_start = (
+                self.epoch + 1,
+                (cfg.seed * 1_000_003 + self.epoch) * 2,
+                self.step,
+                time.time(),
+            )
+            if self.batch:  # resuming inside an epoch: the alpha and beta measured at its start
+                acc, alpha, beta = (self.record[k] for k in ("balance_acc", "alpha", "beta"))
+            else:  # Eq. 8 with Acc of the model before this epoch (epoch 1 starts near chance, so beta ~ 1 at first)
+                n = math.ceil(cfg.balance_n / cfg.batch_size)  # whole shuffled batches, as released (8 x 128 = 1,024)
+                first = torch.cat(index_batches(self.train_idx, cfg.batch_size, seed + 1)[:n])
+                with self.autocast():
+                    acc = evaluate(self.model, self.train_set, first, cfg, "aux", attack=False, seed=seed + 1)["clean"]
+                alpha, beta = auto_balance(acc / 100) if cfg.auto_balance else (cfg.alpha, cfg.beta)
+            rec = dict(epoch=epoch, lr=self.optimizer.param_groups[0]["lr"], alpha=alpha, beta=beta, balance_acc=acc)
+            rec |= self.train_epoch(seed, alpha, beta, start)
+            rec |= dict(step=self.step, images_per_s=(self.step - step) * cfg.batch_size / (time.time() - epoch_start))
+            rec |= {"batches": self.batch} if self.batch else {}  # cut short by --max-steps: --resume continues it
+            self.evaluate_epoch(rec)
+            # The checkpoint first: on resume it decides where training continues; the log only reports.
+            state = {k: part.state_dict() for k, part in self.parts().items()} | {"rng": rng(self.device)}
+            state |= dict(epoch=self.epoch, step=self.step, batch=self.batch, record=rec, best=self.best)
+            save_checkpoint(self.state(self.model) | state, self.out / "last.pt")
+            if self.swa is not None:  # the running average, for --resume (`report` estimates its BN statistics)
+                save_checkpoint(
+                    self.state(self.swa.module) | {"n_averaged": self.swa.n_averaged.item()}, self.out / "swa.pt"
+                )
+            log.open("a").write(json.dumps(rec) + "\n")
+            for k, v in rec.items() if writer else ():
+                writer.add_scalar(k, v, epoch) if isinstance(v, (int, float)) else None
+            keys = ("loss", "acc_adv", "clean_acc", "clean_acc_aux", f"pgd{cfg.eval_steps}_acc", "val_pgd_acc")
+            shown = " ".join(f"{k} {rec[k]:.2f}" for k in keys if rec.get(k) is not None)
+            print(
+                f"epoch {epoch}/{cfg.epochs} lr {rec['lr']:.4g} a {alpha:.3f} {shown} ({time.time() - epoch_start:.0f} s)"
+            )
+            self.record = rec
+
+    def evaluate_epoch(self, rec):
+        """Per-epoch test figures (under autocast), and the held-out PGD accuracy that selects best.pt (--val-n)."""
+        cfg, final = self.cfg, self.epoch == self.cfg.epochs or self.step == self.cfg.max_steps
+        with_pgd = rec["epoch"] % cfg.eval_every == 0 and not final  # `report` evaluates the final model in fp32
+        with self.autocast():
+            rec |= self.measure(self.model, pgd=with_pgd)
+            if cfg.val_n and (with_pgd or final):  # selection on held-out training images, never on test images
+                rec["val_pgd_acc"] = evaluate(self.model, self.train_set, self.val_idx, cfg)["robust"]
+        if "val_pgd_acc" in rec and (self.best is None or rec["val_pgd_acc"] > self.best["val_pgd_acc"]):
+            self.best = {"epoch": rec["epoch"], "val_pgd_acc": rec["val_pgd_acc"]}
+            save_checkpoint(self.state(self.model) | {"best": self.best}, self.out / "best.pt")
+
+    def measure(self, model, pgd=True, final=False):
+        """Test figures of one model: clean accuracy through both BN sets; with `pgd`, PGD accuracy and the feature
+        similarity (Table 5); when `final`, PGD through the auxiliary BNs too (Table 8), and AutoAttack (--aa-n)."""
+        cfg, key, label = self.cfg, f"pgd{self.cfg.eval_steps}_acc", pgd and f"PGD-{self.cfg.eval_steps} evaluation"
+        r = evaluate(model, self.test_set, self.test_idx, cfg, attack=pgd, label=label)
+        m = {"clean_acc": r["clean"]} | ({key: r["robust"], "feature_cos_sim": r["cos"]} if pgd else {})
+        aux = (
+            evaluate(model, self.test_set, self.test_idx, cfg, "aux", final, label=final and label)
+            if cfg.split_bn
+            else {}
+        )
+        m |= {"clean_acc_aux": aux.get("clean")} | ({f"{key}_aux": aux.get("robust")} if final else {})
+        if final and cfg.aa_n:
+            idx = eval_indices(cfg, self.test_set, cfg.aa_n)
+            pgd_same = r["robust"] if idx == self.test_idx else evaluate(model, self.test_set, idx, cfg)["robust"]
+            aa = autoattack(model, self.test_set, idx, cfg)
+            if aa["acc"] > pgd_same:
+                raise EvaluationError(
+                    f"AutoAttack accuracy {aa['acc']:.2f}% exceeds PGD-{cfg.eval_steps}'s {pgd_same:.2f}% on the "
+                    f"same {aa['n']} images: the stronger attack failed where the weaker one won (gradient masking?)"
+                )
+            m |= {"aa_acc": aa["acc"], "n_aa": aa["n"], "autoattack": aa}
+        return m
+
+    def report(self):
+        """The final evaluation (fp32) of the last model (the paper's protocol), of the SWA model and of best.pt,
+        written to metrics.json; then --export: the inference model (main BNs only, Sec. 3.3) as a plain state_dict
+        that loads with strict=True into build_model(arch, num_classes, split_bn=False), inputs in [0, 1]."""
+        cfg, key = self.cfg, f"pgd{self.cfg.eval_steps}_acc"
+        self.out.mkdir(parents=True, exist_ok=True)
+        models = {"": self.model}
+        if self.swa is not None and self.swa.n_averaged > 0:
+            print(f"SWA: {self.swa.n_averaged.item()} snapshots averaged; estimating their BN statistics", flush=True)
+            models["swa_"] = reestimate_bn(self.swa.module, self.train_set, self.train_idx, cfg, self.autocast)
+            save_checkpoint(
+                self.state(self.swa.module) | {"n_averaged": self.swa.n_averaged.item()}, self.out / "swa.pt"
+            )
+        if self.best is not None:
+            models["best_"] = build_model(cfg.arch, self.classes, cfg.split_bn).to(self.device)
+            models["best_"].load_state_dict(torch.load(self.out / "best.pt", map_location=self.device)["model"])
+        metrics = {"n_eval": len(self.test_idx)}
+        for prefix, model in models.items():
+            m = self.measure(model, final=True)
+            metrics |= {prefix + k: v for k, v in m.items()}
+            aa = f"  AutoAttack {m['aa_acc']:.2f}% on {m['n_aa']}" if cfg.aa_n else ""
+            name = {"": "final", "swa_": "SWA", "best_": f"best (epoch {self.best and self.best['epoch']})"}[prefix]
+            print(
+                f"{name}: clean {m['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {m[key]:.2f}% on {len(self.test_idx)}{aa}"
+            )
+        if not cfg.eval_only:
+            log = [json.loads(line) for line in (self.out / "log.jsonl").open()]
+            for k in ("grad_sim", "conflict_frac"):  # the run's mean: Table 17's column, Fig. 2b
+                if values := [r[k] for r in log if k in r]:
+                    metrics[k] = statistics.fmean(values)
+            metrics |= {"epochs": self.record["epoch"], "steps": self.step, "method": self.label}
+            metrics |= (
+                {"best_epoch": self.best["epoch"], "best_val_pgd_acc": self.best["val_pgd_acc"]} if self.best else {}
+            )
+        metrics |= {"norm": cfg.norm, "eval_eps": cfg.eval_eps, "eval_step_size": cfg.eval_step_size}
+        metrics["config"] = dataclasses.asdict(cfg)
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"-> {self.out / 'metrics.json'}", flush=True)
+        if cfg.export:
+            save_checkpoint(merge_split_bn(copy.deepcopy(self.model)).state_dict(), Path(cfg.export))
+        return metrics
+
+
+def run(cfg: Config, method: Method = ARAT, label=method_label) -> dict:
+    """Train (with --eval-only: only evaluate) as configured, cfg resolved; returns the final metrics."""
+    r = Run(cfg, method, label(cfg))
+    if not cfg.eval_only:
+        r.train()
+    return r.report()
+
+
+def main(cfg: Config, method: Method = ARAT, label=method_label, prog="arat.py") -> dict:
+    """Run from parsed flags: bad input ends in one line and exit code 2, an inconsistent evaluation in exit code 3."""
+    try:
+        return run(resolve(cfg, label), method, label)
+    except (ConfigError, EvaluationError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, ConfigError) else 3) from None
     except KeyboardInterrupt:
         print(
-            "\narat.py: interrupted; the last finished epoch is in last.pt: add --resume to continue", file=sys.stderr
+            f"\n{prog}: interrupted; last.pt holds the last finished epoch: add --resume to continue", file=sys.stderr
         )
         raise SystemExit(130) from None
 

@@ -1,8 +1,13 @@
 """Tests for arat.py: one property per test, CPU only, offline, on data the tests make themselves."""
 
+import copy
+import dataclasses
+import functools
 import json
 import math
+import os
 import pickle
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -20,7 +25,7 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]  # one class per tint: easy and robust
 
 
-def write_folder(root, n_train, n_val, size=20, classes=3, seed=0):
+def write_folder(root, n_train, n_val, size=16, classes=3, seed=0):
     """An image-folder dataset (train/ and val/, one subfolder per class) of noisy tinted squares."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
@@ -38,25 +43,33 @@ def tiny(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("tiny"), n_train=8, n_val=4)
 
 
-FAST = "--batch-size 8 --workers 0 --eval-n 8 --balance-n 8 --attack-steps 2 --eval-steps 3 --log-every 1".split()
+# Every training test pins --amp off: the default precision depends on the CPU (bf16 only where it is native).
+FAST = "--batch-size 8 --workers 0 --eval-n 8 --balance-n 8 --attack-steps 2 --eval-steps 3 --log-every 1 --amp off"
 
 
 def cli(data, out, *flags):
-    """Config for a fast in-process run: batch 8, single-process loading, 16 px images for folder datasets."""
-    size = [] if data in arat.DATASETS else ["--image-size", "16"]
-    return arat.parse_args(["--dataset", str(data), "--out", str(out), *size, *FAST, *flags])
+    """Config for a fast in-process run: batch 8, single-process loading, fp32."""
+    return arat.parse_args(["--dataset", str(data), "--out", str(out), *FAST.split(), *flags])
 
 
 def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+def weights(path, key="model"):
+    return torch.load(path, weights_only=False)[key]
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class TinyNet(nn.Module):
-    """A small split-BN CNN for attack tests: two conv-BN-ReLU stages, pooling, a linear head."""
+    """A small CNN: two conv-BN-ReLU stages, pooling, a linear head."""
 
     def __init__(self, classes=3, width=8):
         super().__init__()
-        self.body = nn.Sequential(
+        self.layer4 = nn.Sequential(  # named as ResNet-18's last stage: evaluate() taps it as the penultimate features
             nn.Conv2d(3, width, 3, padding=1),
             nn.BatchNorm2d(width),
             nn.ReLU(),
@@ -67,7 +80,7 @@ class TinyNet(nn.Module):
         self.fc = nn.Linear(width, classes)
 
     def forward(self, x):
-        return self.fc(self.body(x).mean((2, 3)))
+        return self.fc(self.layer4(x).mean((2, 3)))
 
 
 def linear_model(seed=0):
@@ -81,6 +94,26 @@ def linear_model(seed=0):
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return arat.convert_split_bn(TinyNet()).eval()
+
+
+def tiny_cfg(**kw):
+    """A resolved Config for unit tests on TinyNet (its tapped layers are layer4.2 and layer4.5)."""
+    kw = {"dataset": "cifar10", "layers": "layer4.2,layer4.5", "attack_steps": 2, "amp": "off", "device": "cpu"} | kw
+    return arat.resolve(arat.Config(**kw))
+
+
+def buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+class Batches:
+    """The `batches` interface of arat.Images over tensors in memory (no augmentation)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.targets = x, y, y.tolist()
+
+    def batches(self, index_batches, seed=None):
+        return ((self.x[i], self.y[i]) for i in index_batches)
 
 
 # ---------------------------------------------------------------------------------------------------------------- Eq. 1
@@ -116,10 +149,10 @@ def test_pgd_raises_the_loss_over_the_clean_input(norm):
     assert adv > clean * 1.05
 
 
-def test_pgd_computes_no_weight_gradients():
+def test_pgd_computes_no_weight_gradients_and_unfreezes_the_weights():
     model = tiny_model()
     arat.pgd(model, torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), 8 / 255, 2 / 255, 2)
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 def test_fp16_attack_gradients_do_not_vanish():
@@ -145,12 +178,29 @@ def test_fp16_attack_gradients_do_not_vanish():
     assert (x_adv - x).abs().amax() > 1 / 255  # pgd still takes a full step
 
 
+def test_training_attack_moves_only_the_main_bn_statistics_and_the_eval_mode_attack_moves_none():
+    model = tiny_model().train()
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    bn = model.layer4[1]
+    main0, aux0 = bn.main.running_mean.clone(), bn.aux.running_mean.clone()
+    arat.arat_attack(model, None, x, y, tiny_cfg(attack_mode="train"))
+    assert not torch.equal(bn.main.running_mean, main0) and torch.equal(bn.aux.running_mean, aux0)
+    before = buffers(model)
+    arat.arat_attack(model, None, x, y, tiny_cfg(attack_mode="eval"))
+    assert same_tensors(buffers(model), before) and model.training  # the mode is restored
+
+
+def test_l2_training_attack_runs_in_eval_mode_by_default_as_released():
+    assert arat.resolve(arat.Config(norm="l2")).attack_mode == "eval"
+    assert arat.resolve(arat.Config(norm="linf")).attack_mode == "train"
+
+
 # ------------------------------------------------------------------------------------------------------------- Split BN
 
 
 def test_split_bn_clean_forward_updates_only_aux_statistics_and_adversarial_only_main():
     model = tiny_model().train()
-    bn = model.body[1]
+    bn = model.layer4[1]
     main0, aux0 = bn.main.running_mean.clone(), bn.aux.running_mean.clone()
     with arat.bn_branch(model, "aux"):
         model(torch.rand(8, 3, 8, 8))
@@ -181,16 +231,70 @@ def test_convert_split_bn_works_on_torchvision_resnet18():
     unsplit = [n for n, m in model.named_modules() if type(m) is nn.BatchNorm2d and not n.endswith((".main", ".aux"))]
     assert len(splits) == 20 and unsplit == []
     tap = arat.FeatureTap(model, ["layer4.1.bn2", "layer3.0.bn1"])
-    assert tap.dims(model, 64, "cpu") == [512, 256]
+    assert tap.dims(model, 64) == [512, 256]
+    head = nn.Module()
+    head.tap, head.predictors = tap, nn.ModuleList(arat.make_predictor(d) for d in (512, 256))
     cfg = arat.resolve(arat.Config(dataset="cifar10", layers="layer4.1.bn2,layer3.0.bn1", attack_steps=1))
-    predictors = nn.ModuleList(arat.make_predictor(d) for d in (512, 256))
     x, y = torch.rand(4, 3, 64, 64), torch.randint(0, 5, (4,))
     aux0 = model.layer1[0].bn1.aux.running_mean.clone()
-    loss, terms = arat.train_step(model.train(), predictors, tap, x, y, cfg, 0.5, 0.5)
+    x, x_adv = arat.arat_attack(model.train(), head, x, y, cfg)
+    loss, terms = arat.arat_loss(model, head, x, x_adv, y, cfg, 0.5, 0.5)
     loss.backward()
     assert math.isfinite(loss.item()) and terms["inv"] > 0
     assert not torch.equal(model.layer1[0].bn1.aux.running_mean, aux0)  # the clean pass used the aux BNs
     assert model.fc.weight.grad.abs().sum() > 0
+
+
+def test_convert_split_bn_refuses_a_model_with_no_batchnorm2d_to_split():
+    for model in (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))):
+        with pytest.raises(ValueError, match="no nn.BatchNorm2d to split"):
+            arat.convert_split_bn(model)
+
+
+# ------------------------------------------------------------------------------------------------------ Taps (Sec. 3.5)
+
+
+def test_taps_pool_the_relu_of_the_module_output_before_the_residual_add():
+    torch.manual_seed(0)
+    model = arat.build_model("resnet18", 10).eval()
+    seen = {}
+    model.layer4[0].bn2.register_forward_hook(lambda m, i, out: seen.update(bn2=out.detach()))
+    model.layer4[0].register_forward_hook(lambda m, i, out: seen.update(block=out.detach()))
+    tap = arat.FeatureTap(model, ["layer4.0.bn2"])
+    with torch.no_grad(), tap.capture() as z:
+        model(torch.rand(2, 3, 32, 32))
+    assert torch.allclose(z["layer4.0.bn2"], F.relu(seen["bn2"]).mean((2, 3)))
+    assert not torch.allclose(z["layer4.0.bn2"], seen["block"].mean((2, 3)))  # not the block's output
+
+
+def test_feature_tap_refuses_a_module_that_runs_twice_and_can_be_removed():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), relu, nn.Conv2d(4, 4, 1), relu)  # one ReLU module, called twice
+    tap = arat.FeatureTap(model, ["1"])
+    with pytest.raises(RuntimeError, match="ran twice"), tap.capture():
+        model(torch.rand(2, 3, 4, 4))
+    tap.remove()
+    with tap.capture() as z:
+        model(torch.rand(2, 3, 4, 4))
+    assert z == {}  # no hook left
+
+
+def test_features_are_captured_only_in_the_loss_passes_not_in_attack_steps():
+    model, cfg = tiny_model().train(), tiny_cfg(attack_steps=4)
+    head = arat.InvarianceHead(model, cfg)
+    seen = []
+    model.register_forward_pre_hook(lambda m, i: seen.append(head.tap.feats is not None))
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    x, x_adv = arat.arat_attack(model, head, x, y, cfg)
+    arat.arat_loss(model, head, x, x_adv, y, cfg, 0.5, 0.5)
+    assert seen == [False] * 4 + [True, True]
+
+
+def test_default_taps_give_the_reference_feature_dimensions():
+    expected = {"resnet18": [512] * 4, "preact18": [256, 512, 512, 512, 512], "wrn34": [320] + [640] * 10}
+    for arch, dims in expected.items():
+        model = arat.build_model(arch, 10)
+        assert arat.FeatureTap(model, arat.ARCHS[arch][1]).dims(model, 32) == dims
 
 
 # ------------------------------------------------------------------------------------------------------------- Eqs. 3-7
@@ -199,7 +303,7 @@ def test_convert_split_bn_works_on_torchvision_resnet18():
 def _invariance_grads(stop_grad):
     """Gradients of the invariance term alone, with z (clean, aux BN) and z' (adversarial, main BN) captured."""
     model = tiny_model().train()
-    tap = arat.FeatureTap(model, ["body.4"])
+    tap = arat.FeatureTap(model, ["layer4.4"])
     predictor = arat.make_predictor(8).train()
     x = torch.rand(8, 3, 8, 8)
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
@@ -207,10 +311,9 @@ def _invariance_grads(stop_grad):
         model(x_adv)
     with arat.bn_branch(model, "aux"), tap.capture() as z:
         model(x)
-    z["body.4"].retain_grad()
-    arat.invariance_loss(z_adv["body.4"], z["body.4"], predictor, stop_grad).backward()
-    split = model.body[4]
-    return split, predictor, z["body.4"]
+    z["layer4.4"].retain_grad()
+    arat.invariance_loss(z_adv["layer4.4"], z["layer4.4"], predictor, stop_grad).backward()
+    return model.layer4[4], predictor, z["layer4.4"]
 
 
 def _grad_norm(params):
@@ -237,6 +340,38 @@ def test_invariance_loss_is_one_minus_cosine():
     assert torch.isclose(arat.invariance_loss(z, -z, nn.Identity(), True), torch.tensor(2.0))
 
 
+def test_predictor_is_applied_to_the_adversarial_feature_only():
+    torch.manual_seed(0)
+    h, z_adv, z = nn.Linear(6, 6), torch.randn(5, 6), torch.randn(5, 6)
+    loss = arat.invariance_loss(z_adv, z, h, True)
+    assert torch.isclose(loss, 1 - F.cosine_similarity(h(z_adv), z).mean())
+    assert not torch.isclose(loss, 1 - F.cosine_similarity(z_adv, h(z)).mean())  # the swapped reading differs
+
+
+def test_total_loss_is_alpha_ce_adv_plus_beta_ce_clean_plus_gamma_times_the_mean_distance_over_layers():
+    model, cfg = tiny_model().train(), tiny_cfg(gamma=7.0)
+    head = arat.InvarianceHead(model, cfg).train()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 3, (6,))
+    x_adv = (x + 0.05 * torch.rand_like(x)).clamp(0, 1)
+    feats = {}
+    for name in ("layer4.2", "layer4.5"):  # hand-written taps: ReLU, then global average pooling
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: feats.setdefault(n, []).append(o))
+    state, pstate = copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict())
+    loss, terms = arat.arat_loss(model, head, x, x_adv, y, cfg, 0.3, 0.7)
+    model.load_state_dict(state)
+    head.load_state_dict(pstate)
+    feats.clear()
+    ce_adv = F.cross_entropy(model(x_adv), y)
+    with arat.bn_branch(model, "aux"):
+        ce = F.cross_entropy(model(x), y)
+    dist = [
+        1 - F.cosine_similarity(h(F.relu(feats[n][0]).mean((2, 3))), F.relu(feats[n][1]).mean((2, 3))).mean()
+        for n, h in zip(("layer4.2", "layer4.5"), head.predictors)
+    ]
+    assert torch.allclose(loss, 0.3 * ce_adv + 0.7 * ce + 7.0 * (dist[0] + dist[1]) / 2)
+    assert torch.allclose(terms["inv"], (dist[0] + dist[1]) / 2)
+
+
 def test_variant_table_equals_table_17():
     assert arat.VARIANTS == {
         "v0": (False, False, False),
@@ -255,17 +390,6 @@ def test_individual_switches_override_the_preset():
     assert cfg.out.endswith("sg0-pred0-sbn1-s0")
 
 
-def test_features_are_captured_only_in_the_loss_passes_not_in_attack_steps():
-    model = tiny_model().train()
-    tap = arat.FeatureTap(model, ["body.2"])
-    seen = []
-    model.register_forward_pre_hook(lambda m, i: seen.append(tap.feats is not None))
-    cfg = arat.resolve(arat.Config(dataset="cifar10", layers="body.2", attack_steps=4))
-    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 3, (4,))
-    arat.train_step(model, nn.ModuleList([arat.make_predictor(8)]), tap, x, y, cfg, 0.5, 0.5)
-    assert seen == [False] * 4 + [True, True]
-
-
 def test_gradient_similarity_is_plus_one_for_aligned_and_minus_one_for_opposed_losses():
     model = TinyNet()
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -276,43 +400,145 @@ def test_gradient_similarity_is_plus_one_for_aligned_and_minus_one_for_opposed_l
     assert sim == pytest.approx(-1, abs=1e-5) and conflict > 0.9  # all weights with a non-zero gradient
 
 
-def test_plain_at_runs_are_labelled_at():
+def test_plain_at_runs_are_labelled_at_and_skip_the_clean_pass():
     cfg = arat.resolve(arat.parse_args(["--gamma", "0", "--no-auto-balance", "--alpha", "1", "--beta", "0"]))
     assert cfg.out == "runs/cifar10-resnet18-at-s0" and cfg.layers == ""
-
-
-def test_plain_at_skips_the_clean_pass():
     model = tiny_model().train()
-    cfg = arat.resolve(arat.Config(dataset="cifar10", gamma=0, auto_balance=False, alpha=1, beta=0, attack_steps=1))
-    tap = arat.FeatureTap(model, [])
+    head = arat.InvarianceHead(model, dataclasses.replace(cfg, attack_steps=1))
     calls = []
     model.register_forward_pre_hook(lambda m, i: calls.append(1))
-    loss, terms = arat.train_step(model, nn.ModuleList(), tap, torch.rand(4, 3, 8, 8), torch.zeros(4).long(), cfg, 1, 0)
-    assert len(calls) == 2 and set(terms) == {"ce_adv", "acc_adv"} and torch.isclose(loss, terms["ce_adv"])
+    x, y = torch.rand(4, 3, 8, 8), torch.zeros(4).long()
+    loss, terms = arat.arat_loss(model, head, x, x, y, cfg, 1, 0)
+    assert len(calls) == 1 and set(terms) == {"ce_adv", "acc_adv", "cls"} and torch.isclose(loss, terms["ce_adv"])
 
 
 # ---------------------------------------------------------------------------------------------------------------- Eq. 8
 
 
-def test_auto_balance_alpha_is_the_measured_aux_accuracy_and_alpha_plus_beta_is_one():
-    model = tiny_model()
-    x, y = torch.rand(40, 3, 8, 8), torch.randint(0, 3, (40,))
-    with arat.bn_branch(model, "aux"), torch.no_grad():
-        expected = (model(x).argmax(1) == y).float().mean().item()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    acc = arat.clean_accuracy(model, loader, "cpu", "aux") / 100
-    alpha, beta = arat.auto_balance(acc)
-    assert alpha == pytest.approx(expected) and alpha + beta == pytest.approx(1.0)
+def test_auto_balance_reads_the_auxiliary_bns_and_alpha_plus_beta_is_one():
+    model, x = tiny_model(), torch.rand(64, 3, 8, 8)
+    with torch.no_grad():
+        model.fc.weight.normal_(0, 5), model.fc.bias.zero_()  # predictions that vary from image to image
+        y = model(x).argmax(1)  # the main BNs are right on every image
+        for m in model.modules():
+            if isinstance(m, arat.SplitBatchNorm2d):
+                m.aux.weight.normal_(), m.aux.bias.normal_()  # the auxiliary BNs now predict otherwise
+        with arat.bn_branch(model, "aux"):
+            aux = (model(x).argmax(1) == y).float().mean().item()
+    assert aux < 1
+    acc = arat.evaluate(model, Batches(x, y), range(64), tiny_cfg(batch_size=16), "aux", attack=False)["clean"]
+    alpha, beta = arat.auto_balance(acc / 100)
+    assert alpha == pytest.approx(aux) and alpha + beta == pytest.approx(1.0)
 
 
-# --------------------------------------------------------------------------------------------------------------- models
+def test_evaluation_leaves_every_bn_statistic_unchanged():
+    model = tiny_model().train()
+    before = buffers(model)
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    for branch in ("main", "aux"):
+        arat.evaluate(model, Batches(x, y), range(16), tiny_cfg(batch_size=8, eval_steps=2), branch)
+    assert same_tensors(buffers(model), before) and model.training
 
 
-def test_default_taps_give_the_reference_feature_dimensions():
-    expected = {"resnet18": [512] * 4, "preact18": [256, 512, 512, 512, 512], "wrn34": [320] + [640] * 10}
-    for arch, dims in expected.items():
-        model = arat.build_model(arch, 10)
-        assert arat.FeatureTap(model, arat.ARCHS[arch][1]).dims(model, 32, "cpu") == dims
+# --------------------------------------------------------------------------------------------------- official quirks
+
+
+def _released_step(model, taps, predictors, x, y, eps, step, steps, alpha, beta, gamma):
+    """The released training step, written from its description: the noisy clean batch x + U(-eps, eps) without
+    clamping, PGD starting exactly there (train mode, main BNs), each sign step projected on the eps-box around that
+    noisy point and then clamped to [0, 1]; the clean branch trains on the noisy batch through the auxiliary BNs."""
+    noisy = x + torch.empty_like(x).uniform_(-eps, eps)
+    x_adv = noisy.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
+        x_adv = x_adv.detach() + step * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, noisy - eps), noisy + eps).clamp(0, 1)
+    feats = {}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: feats.setdefault(n, []).append(o))
+        for n in taps
+    ]
+    logits_adv = model(x_adv)
+    with arat.bn_branch(model, "aux"):
+        logits = model(noisy)
+    for hook in hooks:
+        hook.remove()
+    pooled = {n: [F.relu(o).mean((2, 3)) for o in outs] for n, outs in feats.items()}
+    dist = [1 - F.cosine_similarity(h(pooled[n][0]), pooled[n][1].detach()).mean() for n, h in zip(taps, predictors)]
+    loss = alpha * F.cross_entropy(logits_adv, y) + beta * F.cross_entropy(logits, y) + gamma * sum(dist) / len(dist)
+    return noisy, x_adv, loss
+
+
+def test_official_quirks_step_equals_the_released_semantics_in_float64():
+    cfg = tiny_cfg(official_quirks=True, attack_steps=4)
+    torch.manual_seed(0)
+    model = tiny_model().double().train()
+    head = arat.InvarianceHead(model, cfg).double().train()
+    twin, twin_head = copy.deepcopy(model), copy.deepcopy(head)
+    x, y = torch.rand(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0  # pixels at the box edges: the noisy batch leaves [0, 1] there
+    torch.manual_seed(1)
+    clean, x_adv = arat.arat_attack(model, head, x, y, cfg)
+    loss, _ = arat.arat_loss(model, head, clean, x_adv, y, cfg, 0.4, 0.6)
+    loss.backward()
+    torch.manual_seed(1)
+    taps = cfg.layers.split(",")
+    noisy, ref_adv, ref_loss = _released_step(
+        twin, taps, twin_head.predictors, x, y, cfg.eps, cfg.step_size, 4, 0.4, 0.6, cfg.gamma
+    )
+    ref_loss.backward()
+    assert torch.equal(clean, noisy) and (noisy < 0).any() and (noisy > 1).any()  # the clean batch is not clamped
+    assert torch.allclose(x_adv, ref_adv, rtol=0, atol=1e-12)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
+    assert all(
+        torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(buffers(model).values(), buffers(twin).values())
+    )
+
+
+def test_official_quirks_add_no_noise_to_l2_training():
+    cfg, x, y = tiny_cfg(official_quirks=True, norm="l2"), torch.rand(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    clean, _ = arat.arat_attack(tiny_model().train(), None, x, y, cfg)
+    assert torch.equal(clean, x)  # torchattacks' PGDL2 copies its input: only the lr schedule changes
+
+
+def test_lr_schedule_drops_at_75_and_90_percent():
+    lrs = [arat.lr_factor(e, (75, 90)) for e in range(100)]
+    assert lrs[74] == 1 and lrs[75] == pytest.approx(0.1) and lrs[89] == pytest.approx(0.1)
+    assert lrs[90] == pytest.approx(0.01)
+    assert arat.resolve(arat.Config(epochs=40)).lr_drops == "30,36"
+
+
+def test_official_quirks_lr_schedule_is_the_released_one_for_any_lr_and_epochs():
+    # epoch 1 at the literal 0.02; after epoch e, get_lr(e): lr up to 75, then /10 per threshold 75, 90, 100, 110
+    for lr in (0.1, 0.05):
+        lrs = [lr * arat.lr_factor(e, (), official_quirks=True, lr=lr) for e in range(120)]
+        assert lrs[0] == pytest.approx(0.02) and lrs[1] == lrs[75] == pytest.approx(lr)
+        assert lrs[76] == lrs[90] == pytest.approx(lr / 10) and lrs[91] == lrs[100] == pytest.approx(lr / 100)
+        assert lrs[101] == pytest.approx(lr / 1000) and lrs[111] == pytest.approx(lr / 10**4)
+
+
+def test_official_quirks_run_in_fp32_and_probe_the_auxiliary_bns_once():
+    assert arat.resolve(arat.Config(official_quirks=True)).amp == "off"
+    for quirks in (False, True):
+        model = tiny_model()
+        before = buffers(model)
+        arat.InvarianceHead(model, tiny_cfg(official_quirks=quirks))
+        after = buffers(model)
+        moved = {k for k in before if not torch.equal(before[k], after[k])}
+        assert moved == ({k for k in before if ".aux." in k} if quirks else set())
+
+
+def test_official_quirks_keep_the_last_partial_batch(tiny, tmp_path):
+    flags = ["--epochs", "1", "--batch-size", "10", "--official-quirks"]
+    arat.main(cli(tiny, tmp_path / "quirks", *flags))
+    arat.main(cli(tiny, tmp_path / "paper", *flags[:-1]))
+    assert read_log(tmp_path / "quirks")[-1]["step"] == 3 and read_log(tmp_path / "paper")[-1]["step"] == 2  # 24 images
+
+
+# ------------------------------------------------------------------------------------------------------ models, config
 
 
 def test_single_bn_inference_models_have_the_reference_parameter_counts():
@@ -321,14 +547,90 @@ def test_single_bn_inference_models_have_the_reference_parameter_counts():
         assert sum(p.numel() for p in model.parameters()) == count
 
 
-def test_lr_schedule_drops_at_75_and_90_percent_and_quirks_shift_it():
-    lrs = [arat.lr_factor(e, 100) for e in range(100)]
-    assert lrs[74] == 1 and lrs[75] == pytest.approx(0.1) and lrs[89] == pytest.approx(0.1)
-    assert lrs[90] == pytest.approx(0.01)
-    quirky = [arat.lr_factor(e, 100, official_quirks=True) for e in range(100)]
-    # released code: epoch 1 at 0.02, 0.1 until epoch 76, 0.01 until 91, then 0.001 (1-based epochs)
-    assert quirky[0] == 0.2 and quirky[75] == 1 and quirky[76] == pytest.approx(0.1)
-    assert quirky[90] == pytest.approx(0.1) and quirky[91] == pytest.approx(0.01)
+def test_every_config_field_has_a_flag_also_for_subclasses_with_string_annotations(capsys):
+    namespace = {}
+    source = "from __future__ import annotations\nimport dataclasses, arat\n@dataclasses.dataclass\nclass Sub(arat.Config):\n"
+    exec(source + "    knob: float | None = arat.arg(None, 'a knob of a companion file', 'companion')\n", namespace)
+    with pytest.raises(SystemExit):
+        arat.parse_args(["--help"], config=namespace["Sub"])
+    text = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in text for f in dataclasses.fields(namespace["Sub"]))
+    assert arat.parse_args(["--knob", "8/255"], config=namespace["Sub"]).knob == pytest.approx(8 / 255)
+    exec(source.replace("Sub", "Bad") + "    knob: int = 3\n", namespace)
+    with pytest.raises(TypeError, match="arg"):
+        arat.parse_args([], config=namespace["Bad"])
+
+
+def test_workers_default_to_the_cpus_this_process_may_use():
+    assert arat.resolve(arat.Config()).workers == min(4, len(os.sched_getaffinity(0)))
+
+
+# ----------------------------------------------------------------------------------------------------------------- data
+
+
+def write_cifar10(root, n_train=40, n_test=16):
+    """Files in the layout of the CIFAR-10 python release (cifar-10-batches-py/), with random pixels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = {f"data_batch_{i}": n_train // 5 for i in range(1, 6)} | {"test_batch": n_test}
+    for name, n in batches.items():
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    return root
+
+
+@pytest.fixture
+def cifar(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kw: True)  # md5s of real files
+    return write_cifar10(tmp_path / "data")
+
+
+def test_cifar10_loader_reads_the_python_release_and_trains_on_it(cifar, tmp_path):
+    cfg = arat.resolve(arat.Config(dataset="cifar10", data_dir=str(cifar), download=False, workers=0))
+    train, test, classes = arat.load_data(cfg, torch.device("cpu"))
+    assert (len(train.targets), len(test.targets), classes) == (40, 16, 10)
+    (x, y), (x2, _) = next(train.batches([torch.arange(4)], seed=1)), next(train.batches([torch.arange(4)]))
+    assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1 and not torch.equal(x, x2)  # augmented
+    assert torch.equal(next(test.batches([torch.arange(4)]))[0], next(test.batches([torch.arange(4)]))[0])
+    metrics = arat.main(cli("cifar10", tmp_path / "run", "--data-dir", str(cifar), "--no-download", "--max-steps", "2"))
+    assert metrics["n_eval"] == 8 and metrics["config"]["image_size"] == 32
+    assert metrics["config"]["eval_eps"] == 8 / 255 and metrics["config"]["eps"] == 8 / 255
+
+
+def test_imagenette_loader_reads_the_160px_release_and_crops_128_without_resizing(tmp_path):
+    for split in ("train", "val"):
+        for k, wnid in enumerate(["n01440764", "n02102040"]):  # tench, English springer
+            folder = tmp_path / "imagenette2-160" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = np.random.default_rng(10 * k + i).integers(0, 256, (160, 200, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i}.JPEG", format="PNG")  # lossless, whatever the name
+    cfg = arat.resolve(arat.Config(dataset="imagenette", data_dir=str(tmp_path), download=False, workers=0))
+    assert cfg.image_size == 128  # as released: 128 px crops of the 160 px images
+    train, test, classes = arat.load_data(cfg, torch.device("cpu"))
+    assert (len(train.targets), len(test.targets), classes) == (6, 6, 2)
+    x = next(test.batches([torch.tensor([0])]))[0][0]
+    original = torch.from_numpy(np.array(Image.open(test.plain.samples[0][0]).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(x, original[:, 16:144, 36:164].float() / 255)  # the centre crop, pixel for pixel
+    assert next(train.batches([torch.tensor([0])], seed=0))[0].shape == (1, 3, 128, 128)
+
+
+def test_folder_dataset_keeps_the_size_of_its_images(tiny):
+    assert arat.resolve(arat.Config(dataset=str(tiny))).image_size == 16
+
+
+def test_folder_evaluation_subset_is_class_balanced_and_the_same_for_every_run(tiny):
+    cfg = arat.resolve(arat.Config(dataset=str(tiny), workers=0))
+    _, test, _ = arat.load_data(cfg, torch.device("cpu"))
+    assert test.targets == sorted(test.targets)  # stored class by class
+    picked = arat.eval_indices(cfg, test, 6)
+    assert sorted(test.targets[i] for i in picked) == [0, 0, 1, 1, 2, 2]
+    assert picked == arat.eval_indices(dataclasses.replace(cfg, seed=5), test, 6)
+    assert arat.eval_indices(dataclasses.replace(cfg, dataset="cifar10"), test, 6) == list(range(6))  # CIFAR: first N
 
 
 # ----------------------------------------------------------------------------------------------------------------- main
@@ -336,15 +638,13 @@ def test_lr_schedule_drops_at_75_and_90_percent_and_quirks_shift_it():
 
 @pytest.mark.parametrize("variant", ["v0", "v1", "v2", "v3"])
 def test_main_smoke_run_of_each_variant_writes_all_outputs(tiny, tmp_path, variant):
-    metrics = arat.main(
-        cli(
-            tiny, tmp_path / variant, "--variant", variant, "--epochs", "3", "--max-steps", "4", "--grad-sim-every", "1"
-        )
-    )
+    flags = ["--variant", variant, "--epochs", "3", "--max-steps", "4", "--grad-sim-every", "1"]
+    metrics = arat.main(cli(tiny, tmp_path / variant, *flags))
     out = tmp_path / variant
     assert {p.name for p in out.iterdir()} == {"log.jsonl", "last.pt", "metrics.json"}
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert {"clean_acc", "pgd3_acc", "n_eval"} <= set(metrics) and metrics["n_eval"] == 8
+    assert {"clean_acc", "pgd3_acc", "n_eval", "feature_cos_sim", "grad_sim", "conflict_frac"} <= set(metrics)
+    assert metrics["n_eval"] == 8 and (metrics["pgd3_acc_aux"] is None) == (variant != "v3")
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["step"] == 4  # 3 steps per epoch
     for r in log:
@@ -353,14 +653,19 @@ def test_main_smoke_run_of_each_variant_writes_all_outputs(tiny, tmp_path, varia
         assert r["alpha"] + r["beta"] == pytest.approx(1) and r["alpha"] == pytest.approx(r["balance_acc"] / 100)
     assert (log[-1]["clean_acc_aux"] is None) == (variant != "v3")
     ckpt = torch.load(out / "last.pt", weights_only=False)
-    assert {"model", "predictors", "optimizer", "scheduler", "scaler", "epoch", "rng", "config"} <= set(ckpt)
+    assert {"model", "extra", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config"} <= set(ckpt)
     assert ckpt["config"]["variant"] == variant and not any("_orig_mod" in k for k in ckpt["model"])
+
+
+def test_l2_and_official_quirks_runs_complete_through_main(tiny, tmp_path):
+    for name, flags in {"l2": ["--norm", "l2"], "quirks": ["--official-quirks"]}.items():
+        metrics = arat.main(cli(tiny, tmp_path / name, "--epochs", "1", "--max-steps", "2", *flags))
+        assert metrics["norm"] == ("l2" if name == "l2" else "linf") and 0 <= metrics["pgd3_acc"] <= 100
 
 
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny, tmp_path, monkeypatch):
     flags = ["--epochs", "2", "--eval-every", "5"]
     arat.main(cli(tiny, tmp_path / "straight", *flags))
-
     save = arat.save_checkpoint
 
     def save_then_stop(state, path):
@@ -374,63 +679,28 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny, tm
     monkeypatch.setattr(arat, "save_checkpoint", save)
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"] == 1
     arat.main(cli(tiny, tmp_path / "resumed", *flags, "--resume"))
-
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
-    for key in ("model", "predictors"):
-        assert a[key].keys() == b[key].keys()
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    for key in ("model", "extra"):
+        assert same_tensors(
+            weights(tmp_path / "straight" / "last.pt", key), weights(tmp_path / "resumed" / "last.pt", key)
+        )
     straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
     assert [r["epoch"] for r in resumed] == [1, 2]  # epoch 1's line, lost with the run, restored from last.pt
     assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_where_it_stopped(tiny, tmp_path):
+    arat.main(cli(tiny, tmp_path / "straight", "--epochs", "3", "--max-steps", "5"))
+    arat.main(cli(tiny, tmp_path / "split", "--epochs", "3", "--max-steps", "2"))  # inside epoch 1 (3 steps)
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["batch"] == 2
+    metrics = arat.main(cli(tiny, tmp_path / "split", "--epochs", "3", "--max-steps", "5", "--resume"))
+    assert same_tensors(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "split" / "last.pt"))
+    assert metrics["steps"] == 5 and [r["step"] for r in read_log(tmp_path / "split")] == [2, 3, 5]
 
 
 def test_short_run_learns_an_easy_task_well_above_chance(tmp_path):
     data = write_folder(tmp_path / "colours", n_train=32, n_val=16, classes=4, seed=1)
     metrics = arat.main(cli(data, tmp_path / "run", "--batch-size", "16", "--epochs", "4", "--eval-n", "64"))
     assert metrics["clean_acc"] >= 75  # chance is 25%
-
-
-def write_cifar10(root, n_train=40, n_test=16):
-    """Files in the layout of the CIFAR-10 python release (cifar-10-batches-py/), with random pixels."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    batches = {f"data_batch_{i}": n_train // 5 for i in range(1, 6)} | {"test_batch": n_test}
-    for name, n in batches.items():
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
-        (folder / name).write_bytes(pickle.dumps(entry))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
-
-
-def test_cifar10_loader_reads_the_python_release_and_trains_on_it(tmp_path, monkeypatch):
-    import torchvision.datasets.cifar
-
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kw: True)  # md5s of real files
-    write_cifar10(tmp_path / "data")
-    cfg = arat.resolve(arat.Config(dataset="cifar10", data_dir=str(tmp_path / "data"), download=False))
-    train, test, classes = arat.load_data(cfg)
-    assert (len(train), len(test), classes) == (40, 16, 10)
-    x = train[0][0]
-    assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
-    assert torch.equal(test[3][0], test[3][0])  # no augmentation at test time
-    flags = ["--data-dir", str(tmp_path / "data"), "--no-download", "--max-steps", "2"]
-    metrics = arat.main(cli("cifar10", tmp_path / "run", *flags))
-    assert metrics["n_eval"] == 8 and metrics["config"]["image_size"] == 32
-
-
-def test_imagenette_loader_reads_the_160px_release_and_resizes_and_crops(tmp_path):
-    wnids = ["n01440764", "n02102040"]  # tench, English springer
-    for split in ("train", "val"):
-        for wnid in wnids:
-            folder = tmp_path / "imagenette2-160" / split / wnid
-            folder.mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(np.full((30, 45, 3), 60 * i, np.uint8)).save(folder / f"img{i}.JPEG")
-    cfg = arat.resolve(arat.Config(dataset="imagenette", data_dir=str(tmp_path), download=False, image_size=24))
-    train, test, classes = arat.load_data(cfg)
-    assert (len(train), len(test), classes) == (8, 8, 2)
-    assert train[0][0].shape == test[0][0].shape == (3, 24, 24)
 
 
 BAD_INPUTS = {
@@ -443,15 +713,19 @@ BAD_INPUTS = {
     "negative eps": (["--eps", "-1"], "--eps: must be positive"),
     "not a number": (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     "cifar resized": (["--image-size", "64"], "--image-size: CIFAR images are 32x32"),
+    "bad lr drops": (["--lr-drops", "75;90"], "--lr-drops: give epochs separated by commas"),
     "cifar missing offline": (["--no-download", "--data-dir", "{tmp}"], "--dataset cifar10: not found in"),
     "resume without checkpoint": (["--resume", "--out", "{tmp}/none"], "--resume: there is no checkpoint at"),
+    "eval-only without checkpoint": (["--eval-only"], "--eval-only: give the model to evaluate with --checkpoint"),
+    "unreadable checkpoint": (["--eval-only", "--checkpoint", "{tmp}/none.pt"], "--checkpoint: cannot read"),
+    "mixed image sizes": (["--dataset", "{mixed}"], "mixes sizes"),
     "autoattack on 3 classes": (
-        ["--dataset", "{tiny}", "--image-size", "16", "--out", "{tmp}/run", "--aa-n", "8"],
+        ["--dataset", "{tiny}", "--out", "{tmp}/run", "--aa-n", "8"],
         "--aa-n: standard AutoAttack needs at least 10 classes",
     ),
     "unknown layer": (
-        ["--dataset", "{tiny}", "--image-size", "16", "--out", "{tmp}/run", "--layers", "layer4.0.bn9"],
-        "--layers: the model has no module 'layer4.0.bn9'; did you mean layer4.0.bn2, layer4.0.bn1",
+        ["--dataset", "{tiny}", "--out", "{tmp}/run", "--batch-size", "8", "--layers", "layer4.0.bn9"],
+        "--layers: the model has no module 'layer4.0.bn9' (layer4.0.bn2, layer4.0.bn1",
     ),
 }
 
@@ -459,58 +733,218 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_a_one_line_message(case, tiny, tmp_path, capsys):
     flags, message = BAD_INPUTS[case]
-    flags = [f.format(tmp=tmp_path, tiny=tiny) for f in flags]
+    mixed = write_folder(tmp_path / "mixed", 1, 1, classes=2)
+    Image.new("RGB", (20, 16)).save(mixed / "val" / "class1" / "wide.png")
+    flags = [f.format(tmp=tmp_path, tiny=tiny, mixed=mixed) for f in flags]
     with pytest.raises(SystemExit) as exit_info:
-        arat.main(arat.parse_args(flags))
+        arat.main(arat.parse_args([*flags, "--workers", "0"]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and err.startswith("arat.py: error: ") and message in err, err
 
 
-def test_autoattack_breaks_what_pgd_breaks_on_a_non_robust_model():
+# ---------------------------------------------------------------------------------------------- evaluation, AutoAttack
+
+
+def test_autoattack_breaks_what_pgd_breaks_and_records_each_attack(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    model = nn.Sequential(OrderedDict(layer4=nn.Flatten(), fc=nn.Linear(3 * 8 * 8, 10)))
     x = torch.rand(16, 3, 8, 8)
     y = model(x).argmax(1)  # 100% clean accuracy by construction
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    pgd_acc = arat.robust_accuracy(model, loader, "cpu", 1 / 255, 0.25 / 255, 20, "linf")
-    aa_acc = arat.autoattack_accuracy(model, loader, "cpu", 1 / 255, "linf", 16)
-    assert 0 < aa_acc <= pgd_acc < 100  # a budget small enough that some points survive both
+    cfg = arat.resolve(arat.Config(dataset="cifar10", eval_eps=1 / 255, eval_step_size=0.25 / 255, batch_size=8))
+    pgd_acc = arat.evaluate(model, Batches(x, y), range(16), cfg, attack=True)
+    aa = arat.autoattack(model, Batches(x, y), range(16), dataclasses.replace(cfg, out=str(tmp_path)))
+    assert 0 < aa["acc"] <= pgd_acc["robust"] < 100  # a budget small enough that some points survive both
+    assert aa["package"] in ("autoattack", "pyautoattack") and aa["version"] == "standard" and aa["n"] == 16
+    assert aa["eps"] == 1 / 255 and aa["seed"] == 0 and aa["package_version"] != "unknown"
+    assert set(aa["after"]) <= {"apgd-ce", "apgd-t", "fab-t", "square"} and aa["after"]["apgd-ce"] >= aa["acc"]
 
 
-def test_autoattack_calls_the_original_package_with_its_own_api(monkeypatch):
+def test_autoattack_calls_the_original_package_with_its_own_api(monkeypatch, tmp_path):
     import sys
     import types
 
     calls = {}
 
     class OriginalAutoAttack:  # the signature of the original package's class and method
-        def __init__(
-            self,
-            model,
-            norm="Linf",
-            eps=0.3,
-            seed=None,
-            verbose=True,
-            attacks_to_run=(),
-            version="standard",
-            is_tf_model=False,
-            device="cuda",
-            log_path=None,
-        ):
-            calls["init"] = {"norm": norm, "eps": eps, "version": version, "device": device}
-            self.model = model
+        def __init__(self, model, norm="Linf", eps=0.3, seed=None, verbose=True, attacks_to_run=(), version="standard",
+                     is_tf_model=False, device="cuda", log_path=None):  # fmt: skip
+            calls["init"] = {"norm": norm, "eps": eps, "version": version, "device": str(device), "seed": seed}
+            self.log_path = log_path
 
         def run_standard_evaluation(self, x_orig, y_orig, bs=250, return_labels=False):
             calls["run"] = {"n": len(x_orig), "bs": bs, "return_labels": return_labels}
+            with open(self.log_path, "a") as f:  # as the original's logger does
+                f.write("robust accuracy after APGD-CE: 50.00% (total time 0.1 s)\n")
             return x_orig, torch.where(torch.arange(len(y_orig)) % 2 == 0, y_orig, -1)  # every other one broken
 
-    monkeypatch.setitem(sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=OriginalAutoAttack))
+    monkeypatch.setitem(
+        sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=OriginalAutoAttack, __name__="autoattack")
+    )
     x, y = torch.rand(10, 3, 4, 4), torch.arange(10) % 3
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-    acc = arat.autoattack_accuracy(nn.Flatten(), loader, "cpu", 0.5, "l2", 8)
-    assert acc == 50.0
+    cfg = arat.resolve(arat.Config(dataset="cifar10", norm="l2", batch_size=4, out=str(tmp_path)))
+    aa = arat.autoattack(nn.Flatten(), Batches(x, y), range(8), cfg)
+    assert aa["acc"] == 50.0 and aa["after"] == {"apgd-ce": 50.0} and aa["package"] == "autoattack"
     assert calls == {
-        "init": {"norm": "L2", "eps": 0.5, "version": "standard", "device": "cpu"},
+        "init": {"norm": "L2", "eps": 0.5, "version": "standard", "device": "cpu", "seed": 0},
         "run": {"n": 8, "bs": 4, "return_labels": True},
     }
+
+
+def test_an_adversarial_example_outside_its_ball_stops_the_evaluation(monkeypatch):
+    monkeypatch.setattr(arat, "pgd", lambda model, x, y, eps, *args: (x + 2 * eps).clamp(0, 1))
+    x, y = torch.rand(8, 3, 8, 8) * 0.5, torch.randint(0, 3, (8,))
+    with pytest.raises(arat.EvaluationError, match="lies 0.0627451 from its image"):
+        arat.evaluate(tiny_model(), Batches(x, y), range(8), tiny_cfg())
+
+
+def test_autoattack_above_pgd_stops_the_run_with_exit_code_3(cifar, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(arat, "autoattack", lambda model, data, idx, cfg: {"acc": 100.0, "n": len(idx)})
+    flags = ["--data-dir", str(cifar), "--no-download", "--max-steps", "1", "--aa-n", "8"]
+    with pytest.raises(SystemExit) as exit_info:
+        arat.main(cli("cifar10", tmp_path / "run", *flags))
+    assert exit_info.value.code == 3 and "AutoAttack accuracy 100.00% exceeds PGD-3's" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not arat.bf16_supported("cpu"), reason="this CPU emulates bf16 (AVX2 only): far too slow to test")
+def test_bf16_attack_finds_examples_as_strong_as_fp32_on_a_trained_model():
+    torch.manual_seed(0)
+    model = TinyNet(classes=4, width=16)
+    colours = torch.tensor(COLOURS, dtype=torch.float32) / 255
+    y = torch.randint(0, 4, (256,))
+    x = (colours[y][:, :, None, None] + 0.25 * torch.randn(256, 3, 8, 8)).clamp(0, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(60):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model = arat.convert_split_bn(model)
+    cfg = tiny_cfg(eval_eps=0.2, eval_step_size=0.05, eval_steps=10, batch_size=128)
+    fp32 = arat.evaluate(model, Batches(x, y), range(256), cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = arat.evaluate(model, Batches(x, y), range(256), cfg)
+    assert fp32["clean"] > 90 and 10 < fp32["robust"] < 90  # a model that PGD half breaks
+    assert abs(bf16["robust"] - fp32["robust"]) <= 3
+
+
+# ------------------------------------------------------------------------------------- SWA, eval-only, export, analyses
+
+
+def test_swa_with_equal_weights_is_the_mean_of_the_snapshots(tiny, tmp_path, monkeypatch):
+    snapshots, step = [], arat.Run.train_step
+
+    def recording_step(self, *args, **kw):
+        terms = step(self, *args, **kw)
+        snapshots.append({k: v.clone() for k, v in self.model.named_parameters()})
+        return terms
+
+    monkeypatch.setattr(arat.Run, "train_step", recording_step)
+    run = arat.Run(
+        arat.resolve(cli(tiny, tmp_path / "swa", "--epochs", "2", "--swa", "--swa-start", "2", "--swa-every", "2"))
+    )
+    run.train()
+    averaged = snapshots[3:6:2]  # steps 4 and 6: the even steps of epoch 2 (3 steps per epoch)
+    assert run.swa.n_averaged == 2
+    for name, p in run.swa.module.named_parameters():
+        assert torch.allclose(p, torch.stack([s[name] for s in averaged]).mean(0))
+
+
+def test_bn_reestimation_gives_the_exact_statistics_of_its_data_and_leaves_the_attack_passes_out(monkeypatch):
+    model = tiny_model().train()
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,))
+
+    def attack(model, x, y, *args):
+        moved = buffers(model)
+        model(x + 0.1)  # a forward pass in train mode, as an attack step makes
+        assert same_tensors(buffers(model), moved)
+        return x + 0.05
+
+    monkeypatch.setattr(arat, "pgd", attack)
+    no_autocast = functools.partial(torch.autocast, "cpu", enabled=False)
+    arat.reestimate_bn(model, Batches(x, y), range(16), tiny_cfg(batch_size=8), no_autocast)
+    bn, conv = model.layer4[1], model.layer4[0]
+    with torch.no_grad():
+        order = torch.cat(arat.index_batches(range(16), 8, seed=0))
+        for branch, inputs in (("main", x[order] + 0.05), ("aux", x[order])):
+            h = conv(inputs).transpose(0, 1).flatten(1)  # channels x (images . pixels), batch by batch
+            halves = h.view(len(h), 2, -1)
+            assert torch.allclose(getattr(bn, branch).running_mean, h.mean(1), atol=1e-6)
+            assert torch.allclose(getattr(bn, branch).running_var, halves.var(2).mean(1), atol=1e-6)
+
+
+def test_a_swa_run_writes_swa_pt_and_reports_the_average(tiny, tmp_path):
+    metrics = arat.main(cli(tiny, tmp_path / "run", "--epochs", "2", "--swa", "--swa-start", "1", "--swa-every", "1"))
+    swa = torch.load(tmp_path / "run" / "swa.pt", weights_only=False)
+    assert swa["n_averaged"] == 6 and {"swa_clean_acc", "swa_pgd3_acc", "swa_clean_acc_aux"} <= set(metrics)
+    evaluated = arat.main(
+        arat.parse_args(["--eval-only", "--checkpoint", str(tmp_path / "run" / "swa.pt"), *FAST.split()])
+    )
+    assert evaluated["clean_acc"] == metrics["swa_clean_acc"] and evaluated["pgd3_acc"] == metrics["swa_pgd3_acc"]
+
+
+def test_eval_only_reproduces_the_accuracy_the_training_run_reported(tiny, tmp_path):
+    trained = arat.main(cli(tiny, tmp_path / "run", "--epochs", "1"))
+    flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), *FAST.split()]
+    evaluated = arat.main(arat.parse_args(flags))
+    for key in ("clean_acc", "pgd3_acc", "clean_acc_aux", "pgd3_acc_aux", "feature_cos_sim"):
+        assert evaluated[key] == trained[key], key
+    assert (tmp_path / "run" / "eval-last" / "metrics.json").exists()
+
+
+def test_export_loads_strictly_into_the_single_bn_model_with_identical_logits(tiny, tmp_path):
+    arat.main(cli(tiny, tmp_path / "run", "--epochs", "1", "--export", str(tmp_path / "model.pt")))
+    split = arat.build_model("resnet18", 3)
+    split.load_state_dict(weights(tmp_path / "run" / "last.pt"))
+    plain = arat.build_model("resnet18", 3, split_bn=False)
+    plain.load_state_dict(torch.load(tmp_path / "model.pt"), strict=True)
+    x = torch.rand(4, 3, 16, 16)
+    assert torch.equal(plain.eval()(x), split.eval()(x))
+    evaluated = arat.main(
+        arat.parse_args(
+            ["--eval-only", "--checkpoint", str(tmp_path / "model.pt"), "--dataset", str(tiny), *FAST.split()]
+        )
+    )
+    assert evaluated["config"]["arch"] == "resnet18" and evaluated["clean_acc_aux"] is None
+
+
+def test_measuring_grad_sim_does_not_change_the_trained_weights(tiny, tmp_path):
+    arat.main(cli(tiny, tmp_path / "plain", "--epochs", "1"))
+    arat.main(cli(tiny, tmp_path / "measured", "--epochs", "1", "--grad-sim-every", "1"))
+    assert same_tensors(weights(tmp_path / "plain" / "last.pt"), weights(tmp_path / "measured" / "last.pt"))
+    assert "grad_sim" in read_log(tmp_path / "measured")[0] and "grad_sim" not in read_log(tmp_path / "plain")[0]
+
+
+def test_held_out_images_never_train_and_best_pt_is_the_top_validation_evaluation(tiny, tmp_path, monkeypatch):
+    trained, batches = [], arat.Images.batches
+
+    def recording(self, index_batches, seed=None):
+        if seed is not None:  # augmented passes: the training batches and Eq. 8's sample
+            trained.extend(i for b in index_batches for i in b.tolist())
+        return batches(self, index_batches, seed)
+
+    monkeypatch.setattr(arat.Images, "batches", recording)
+    metrics = arat.main(cli(tiny, tmp_path / "run", "--epochs", "3", "--eval-every", "1", "--val-n", "6"))
+    held_out = arat.balanced_order([c for c in range(3) for _ in range(8)])[:6]
+    assert trained and not set(trained) & set(held_out)
+    log = read_log(tmp_path / "run")
+    best = max(log, key=lambda r: (r["val_pgd_acc"], -r["epoch"]))
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["best"]["epoch"] == best["epoch"]
+    assert metrics["best_epoch"] == best["epoch"] and {"best_clean_acc", "best_pgd3_acc"} <= set(metrics)
+
+
+def test_bn_stats_logs_how_much_each_bn_set_moves(tiny, tmp_path):
+    arat.main(cli(tiny, tmp_path / "run", "--epochs", "1", "--bn-stats"))
+    record = read_log(tmp_path / "run")[0]
+    assert record["bn_var_main"] > 0 and record["bn_var_aux"] > 0
+
+
+def test_tensorboard_writes_scalars_or_says_how_to_install_it(tiny, tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit):
+            arat.main(cli(tiny, tmp_path / "run", "--epochs", "1", "--tensorboard"))
+        assert "pip install tensorboard" in capsys.readouterr().err
+    else:
+        arat.main(cli(tiny, tmp_path / "run", "--epochs", "1", "--tensorboard"))
+        assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
