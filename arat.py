@@ -1023,7 +1023,7 @@ class Run:
             keys = ("loss", "acc_adv", "clean_acc", "clean_acc_aux", f"pgd{cfg.eval_steps}_acc", "val_pgd_acc")
             shown = " ".join(f"{k} {rec[k]:.2f}" for k in keys if rec.get(k) is not None)
             print(
-                f"epoch {epoch}/{cfg.epochs} lr {rec['lr']:.4g} a {alpha:.3f} {shown} ({time.time() - epoch_start:.0f} s)"
+                f"epoch {epoch}/{cfg.epochs} lr {rec['lr']:.4g} a {alpha:.3f} {shown} {time.time() - epoch_start:.0f} s"
             )
             self.record = rec
 
@@ -1106,24 +1106,25 @@ class Run:
         return metrics
 
 
-def run(cfg: Config, method: Method = ARAT, label=method_label) -> dict:
+def run(cfg: Config, method: Method = ARAT, label=None) -> dict:
     """Train (with --eval-only: only evaluate) as configured, cfg resolved; returns the final metrics."""
-    r = Run(cfg, method, label(cfg))
+    r = Run(cfg, method, label or method_label(cfg))
     if not cfg.eval_only:
         r.train()
     return r.report()
 
 
-def main(cfg: Config, method: Method = ARAT, label=method_label, prog="arat.py") -> dict:
-    """Run from parsed flags: bad input ends in one line and exit code 2, an inconsistent evaluation in exit code 3."""
+def main(cfg: Config, setup=None, prog="arat.py") -> dict:
+    """Run from parsed flags: bad input ends in one line and exit code 2, an inconsistent evaluation in exit code 3.
+    `setup(cfg) -> (resolved cfg, method, label)` is how baselines.py runs its methods through the same loop."""
     try:
-        return run(resolve(cfg, label), method, label)
+        return run(*(setup(cfg) if setup else (resolve(cfg), ARAT, None)))
     except (ConfigError, EvaluationError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 3) from None
     except KeyboardInterrupt:
         print(
-            f"\n{prog}: interrupted; last.pt holds the last finished epoch: add --resume to continue", file=sys.stderr
+            f"\n{prog}: interrupted; last.pt holds the last finished epoch; add --resume to continue", file=sys.stderr
         )
         raise SystemExit(130) from None
 

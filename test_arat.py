@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import types
 from collections import OrderedDict
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 import arat
+import baselines
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -948,3 +950,136 @@ def test_tensorboard_writes_scalars_or_says_how_to_install_it(tiny, tmp_path, ca
     else:
         arat.main(cli(tiny, tmp_path / "run", "--epochs", "1", "--tensorboard"))
         assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+# ------------------------------------------------------------------------------------------------------------ baselines
+
+
+def baseline_args(*flags):
+    return arat.parse_args(list(flags), config=baselines.BaselineConfig, prog="baselines.py")
+
+
+def _two_passes(model, x, x_adv):
+    """The clean and adversarial logits of a train-mode model, as the losses compute them."""
+    return model(x), model(x_adv)
+
+
+def _batch():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    return x, (x + 0.1 * torch.randn_like(x)).clamp(0, 1), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def test_trades_loss_is_ce_plus_beta_times_the_batch_mean_kl_from_clean_to_adversarial():
+    (x, x_adv, y), model = _batch(), TinyNet().train()
+    loss, _ = baselines.trades_loss(model, None, x, x_adv, y, types.SimpleNamespace(trades_beta=6.0), 1, 0)
+    logits, logits_adv = _two_passes(model, x, x_adv)
+    p, q = logits.softmax(1), logits_adv.softmax(1)
+    kl = (p * (p.log() - q.log())).sum(1).mean()  # summed over classes, averaged over the batch
+    assert torch.allclose(loss, F.cross_entropy(logits, y) + 6 * kl)
+    assert not torch.isclose(kl, (q * (q.log() - p.log())).sum(1).mean())  # the other direction differs
+
+
+def test_mart_loss_is_the_boosted_ce_plus_the_misclassification_weighted_kl():
+    (x, x_adv, y), model = _batch(), TinyNet().train()
+    loss, _ = baselines.mart_loss(model, None, x, x_adv, y, types.SimpleNamespace(trades_beta=5.0), 1, 0)
+    logits, logits_adv = _two_passes(model, x, x_adv)
+    p, q = logits.softmax(1), logits_adv.softmax(1)
+    wrong = q.masked_fill(F.one_hot(y, 3).bool(), -1).argmax(1)  # the most likely wrong class of each x'
+    boosted = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - q[range(6), wrong] + 1e-12).mean()
+    kl = (p * (p.log() - torch.log(q + 1e-12))).sum(1)
+    assert torch.allclose(loss, boosted + 5.0 * (kl * (1.0000001 - p[range(6), y])).mean())
+
+
+def test_lbgat_loss_is_teacher_ce_plus_mse_and_the_teacher_learns_from_both_terms():
+    (x, x_adv, y), model, teacher = _batch(), TinyNet().train(), TinyNet().train()
+    loss, terms = baselines.lbgat_loss(model, teacher, x, x_adv, y, types.SimpleNamespace(trades_beta=0.0), 1, 0)
+    logits_teacher = teacher(x)
+    assert torch.allclose(loss, F.cross_entropy(logits_teacher, y) + F.mse_loss(model(x_adv), logits_teacher))
+    for term in ("ce_teacher", "mse"):
+        grads = torch.autograd.grad(terms[term], list(teacher.parameters()), retain_graph=True)
+        assert sum(g.abs().sum() for g in grads) > 0, term
+
+
+def test_asym_trades_kl_sends_no_gradient_to_the_auxiliary_branch():
+    (x, x_adv, y), model = _batch(), tiny_model().train()
+    loss, terms = baselines.asym_trades_loss(model, None, x, x_adv, y, types.SimpleNamespace(asym_lambda=6.0), 0.4, 0.6)
+    logits_adv = model(x_adv)
+    with arat.bn_branch(model, "aux"):
+        logits = model(x)
+    p, q = logits.softmax(1), logits_adv.softmax(1)
+    kl = (p * (p.log() - q.log())).sum(1).mean()
+    expected = 0.4 * F.cross_entropy(logits_adv, y) + 0.6 * F.cross_entropy(logits, y) + 6.0 * kl
+    assert torch.allclose(loss, expected)
+    splits = [m for m in model.modules() if isinstance(m, arat.SplitBatchNorm2d)]
+    aux = [p for m in splits for p in m.aux.parameters()]
+    main = [p for m in splits for p in m.main.parameters()]
+    grads = torch.autograd.grad(terms["inv"], aux + main, allow_unused=True)
+    assert all(g is None or g.abs().sum() == 0 for g in grads[: len(aux)])
+    assert sum(g.abs().sum() for g in grads[len(aux) :] if g is not None) > 0
+
+
+def test_trades_attack_with_the_clean_probabilities_computed_once_equals_the_official_one():
+    model, (x, _, y) = TinyNet().train(), _batch()
+    cfg = types.SimpleNamespace(attack_steps=5, step_size=0.007, eps=0.031)
+    torch.manual_seed(3)
+    _, x_adv = baselines.trades_attack(model, None, x, y, cfg)
+    torch.manual_seed(3)
+    model.eval()  # the official loop: p(x) recomputed at every step
+    official = x + 0.001 * torch.randn_like(x)
+    for _ in range(5):
+        official.requires_grad_(True)
+        loss = F.kl_div(F.log_softmax(model(official), 1), F.softmax(model(x), 1), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, official)
+        official = torch.min(torch.max(official.detach() + 0.007 * grad.sign(), x - 0.031), x + 0.031).clamp(0, 1)
+    assert torch.equal(x_adv, official)
+
+
+def test_recipes_are_each_methods_own_and_flags_override_them():
+    def resolved(*flags):
+        return baselines.setup(baseline_args(*flags))[0]
+
+    fields = ("epochs", "lr", "lr_drops", "weight_decay", "eps", "step_size", "attack_steps", "trades_beta")
+    trades = resolved("--method", "trades")
+    assert tuple(getattr(trades, f) for f in fields) == (76, 0.1, "74,89,99", 2e-4, 0.031, 0.007, 10, 6.0)
+    assert (
+        resolved("--method", "mart").trades_beta == 5.0
+        and resolved("--method", "mart", "--arch", "wrn34").trades_beta == 6.0
+    )
+    at = resolved("--method", "at")
+    assert (at.epochs, at.lr_drops, at.attack_steps, at.attack_mode, at.split_bn) == (150, "50,100", 7, "train", False)
+    like = resolved("--method", "trades", "--recipe", "arat")
+    assert tuple(getattr(like, f) for f in fields[:7]) == (100, 0.1, "75,90", 5e-4, 8 / 255, 2 / 255, 10)
+    assert like.out.endswith("trades-arat-recipe-s0") and resolved("--method", "at", "--epochs", "3").epochs == 3
+    assert resolved("--method", "lbgat", "--dataset", "imagenette").lr == 0.01  # Table 4
+    asym = resolved("--method", "asym-trades")
+    assert (asym.split_bn, asym.auto_balance, asym.predictor, asym.gamma, asym.epochs) == (True, True, False, 0, 100)
+    assert all(resolved("--method", m).eval_eps == 8 / 255 for m in baselines.METHODS)  # AR-AT's evaluation protocol
+
+
+@pytest.mark.parametrize("method", list(baselines.METHODS))
+def test_each_baseline_trains_two_steps_and_writes_all_outputs(method, tiny, tmp_path):
+    args = baseline_args("--dataset", str(tiny), "--out", str(tmp_path / method), *FAST.split(), "--method", method)
+    metrics = arat.main(dataclasses.replace(args, max_steps=2), baselines.setup, "baselines.py")
+    out = tmp_path / method
+    assert {p.name for p in out.iterdir()} == {"log.jsonl", "last.pt", "metrics.json"}
+    assert metrics["method"] == method and read_log(out)[-1]["step"] == 2 and 0 <= metrics["pgd3_acc"] <= 100
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert (len(ckpt["extra"]) > 0) == (method == "lbgat")  # LBGAT's teacher is saved with the model
+    assert ckpt["config"]["method"] == method
+
+
+def test_a_baselines_checkpoint_evaluates_with_arat_eval_only(tiny, tmp_path):
+    args = baseline_args("--dataset", str(tiny), "--out", str(tmp_path / "run"), *FAST.split(), "--method", "mart")
+    trained = arat.main(dataclasses.replace(args, max_steps=2), baselines.setup, "baselines.py")
+    evaluated = arat.main(
+        arat.parse_args(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), *FAST.split()])
+    )
+    assert (evaluated["clean_acc"], evaluated["pgd3_acc"]) == (trained["clean_acc"], trained["pgd3_acc"])
+
+
+def test_an_unknown_method_exits_2_with_a_one_line_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        arat.main(baseline_args("--method", "fgsm"), baselines.setup, "baselines.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("baselines.py: error: --method: invalid choice 'fgsm'")
