@@ -950,11 +950,16 @@ class Run:
                 pass
             rng(self.device, states)
         sums, counts, total = {}, {}, min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
+        aux = [m.aux for m in self.model.modules() if isinstance(m, SplitBatchNorm2d)] if cfg.bn_stats else []
+        main = [m for m in self.model.modules() if type(m) is nn.BatchNorm2d and all(m is not a for a in aux)]
+        bn_sets = {k: bns for k, bns in (("main", main), ("aux", aux)) if bns and cfg.bn_stats}
         for x, y in stream:
             terms = self.train_step(x, y, alpha, beta, cfg.grad_sim_every and self.step % cfg.grad_sim_every == 0)
             self.step, self.batch = self.step + 1, self.batch + 1
             if self.swa is not None and self.epoch + 1 >= cfg.swa_start and self.step % cfg.swa_every == 0:
                 self.swa.update_parameters(self.model)
+            for k, bns in bn_sets.items():  # Fig. 14: how far each running mean moves over the epoch
+                terms |= {f"bn_{k}": (mean := torch.cat([m.running_mean for m in bns])), f"bn_{k}_sq": mean.square()}
             for k, v in terms.items():  # summed on the device: the host syncs only at log points
                 sums[k], counts[k] = sums.get(k, 0) + v.detach().double(), counts.get(k, 0) + 1
             if self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total:
@@ -968,13 +973,10 @@ class Run:
         if self.batch == len(batches):
             self.epoch, self.batch = self.epoch + 1, 0
             self.scheduler.step()
-        means = {k: (v / counts[k]).item() * (100 if k.startswith("acc") else 1) for k, v in sums.items() if k != "cls"}
-        if cfg.bn_stats:  # Fig. 14: the variance of each BN layer's running means, averaged over the layers of a set
-            aux = [m.aux for m in self.model.modules() if isinstance(m, SplitBatchNorm2d)]
-            main = [m for m in self.model.modules() if type(m) is nn.BatchNorm2d and all(m is not a for a in aux)]
-            for k, bns in (("main", main), ("aux", aux)):
-                means |= {f"bn_var_{k}": statistics.fmean(m.running_mean.var().item() for m in bns)} if bns else {}
-        return means
+        means = {k: v / counts[k] for k, v in sums.items() if k != "cls"}
+        for k in bn_sets:  # each running mean's variance over the epoch's steps, averaged over the set's channels
+            means[f"bn_var_{k}"] = (means.pop(f"bn_{k}_sq") - means.pop(f"bn_{k}").square()).mean()
+        return {k: v.item() * (100 if k.startswith("acc") else 1) for k, v in means.items()}
 
     def train(self):
         """The epochs: auto-balance (Eq. 8), method steps, evaluation, checkpoints, logs; resumable at any point."""

@@ -177,6 +177,8 @@ def setup(cfg: BaselineConfig):
     recipe = dict(RECIPES["arat" if cfg.recipe == "arat" or asym else cfg.method])
     recipe |= {"trades_beta": 5.0} if cfg.method == "mart" and cfg.arch == "resnet18" else {}  # MART's ResNet-18
     recipe |= {"lr": 0.01} if cfg.method == "lbgat" and cfg.dataset == "imagenette" else {}  # Table 4: 0.1 diverged
+    if cfg.norm == "l2":  # the recipes' budgets are L-inf ones; L2 keeps arat.py's (0.5, step 0.125)
+        recipe = {k: v for k, v in recipe.items() if k not in ("eps", "step_size")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
     cfg = dataclasses.replace(cfg, trades_beta=6.0 if cfg.trades_beta is None else cfg.trades_beta)
     # AR-AT's own switches: only Asym-TRADES has split BN and auto-balance; no method has the feature-level term

@@ -551,7 +551,8 @@ def test_single_bn_inference_models_have_the_reference_parameter_counts():
 
 def test_every_config_field_has_a_flag_also_for_subclasses_with_string_annotations(capsys):
     namespace = {}
-    source = "from __future__ import annotations\nimport dataclasses, arat\n@dataclasses.dataclass\nclass Sub(arat.Config):\n"
+    source = "from __future__ import annotations\nimport dataclasses, arat\n"
+    source += "@dataclasses.dataclass\nclass Sub(arat.Config):\n"
     exec(source + "    knob: float | None = arat.arg(None, 'a knob of a companion file', 'companion')\n", namespace)
     with pytest.raises(SystemExit):
         arat.parse_args(["--help"], config=namespace["Sub"])
@@ -1052,6 +1053,10 @@ def test_recipes_are_each_methods_own_and_flags_override_them():
     assert tuple(getattr(like, f) for f in fields[:7]) == (100, 0.1, "75,90", 5e-4, 8 / 255, 2 / 255, 10)
     assert like.out.endswith("trades-arat-recipe-s0") and resolved("--method", "at", "--epochs", "3").epochs == 3
     assert resolved("--method", "lbgat", "--dataset", "imagenette").lr == 0.01  # Table 4
+    assert (resolved("--method", "at", "--norm", "l2").eps, resolved("--method", "trades", "--norm", "l2").eps) == (
+        0.5,
+        0.5,
+    )
     asym = resolved("--method", "asym-trades")
     assert (asym.split_bn, asym.auto_balance, asym.predictor, asym.gamma, asym.epochs) == (True, True, False, 0, 100)
     assert all(resolved("--method", m).eval_eps == 8 / 255 for m in baselines.METHODS)  # AR-AT's evaluation protocol
