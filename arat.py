@@ -640,9 +640,7 @@ def load_data(cfg: Config, device):
             sets = [datasets.ImageFolder(root / split) for split in ("train", "val")]
     except (RuntimeError, OSError) as e:  # missing with --no-download, or offline (URLError is an OSError)
         if cfg.dataset not in URLS:
-            raise ConfigError(
-                f"--dataset: {e} (a folder dataset needs train/ and val/, a subfolder per class)"
-            ) from None
+            raise ConfigError(f"--dataset: {e} (a folder dataset needs train/ and val/, a folder per class)") from None
         why = "--no-download was given" if not cfg.download else f"downloading it failed ({e})"
         where = f"{URLS[cfg.dataset]} and extract it in {os.path.abspath(cfg.data_dir)}, or point --data-dir at it"
         raise ConfigError(f"--dataset {cfg.dataset}: not found in {cfg.data_dir} and {why}; download {where}") from None
@@ -703,9 +701,7 @@ def _check_ball(x_adv, x, eps, norm, attack):
     dist = (x_adv - x).flatten(1)
     dist = (dist.abs().amax(1) if norm == "linf" else dist.norm(dim=1)).max().item()
     if dist > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
-        raise EvaluationError(
-            f"{attack}: an example lies {dist:.6g} from its image ({norm} eps {eps:.6g}) or off [0, 1]"
-        )
+        raise EvaluationError(f"{attack}: an example lies {dist:.6g} from its image (eps {eps:.6g}) or off [0, 1]")
 
 
 def evaluate(model, data, indices, cfg: Config, branch="main", attack=True, seed=None, label=None):
@@ -753,20 +749,19 @@ def autoattack(model, data, indices, cfg: Config):
     x, y = (torch.cat(t) for t in zip(*data.batches(index_batches(indices, cfg.batch_size))))
     lines, log, handler = [], logging.getLogger("auto-attack"), logging.Handler()  # pyautoattack logs each attack
     handler.emit = lambda record: (lines.append(record.getMessage()), print(lines[-1], flush=True))
-    settings = {"norm": {"linf": "Linf", "l2": "L2"}[cfg.norm], "eps": cfg.eval_eps, "seed": cfg.seed}
+    settings = {"norm": {"linf": "Linf", "l2": "L2"}[cfg.norm], "eps": cfg.eval_eps}
+    settings |= {"seed": cfg.seed, "version": "standard"}
     level, log_path = log.level, Path(cfg.out) / "autoattack.log"
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     try:
         with train_mode(model, False):
             if package.__name__ == "autoattack":  # it prints its progress, and writes the same lines to log_path
-                adversary = package.AutoAttack(
-                    model, version="standard", device=x.device, log_path=log_path, **settings
-                )
+                adversary = package.AutoAttack(model, device=x.device, log_path=log_path, **settings)
                 x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size, return_labels=True)
                 lines += log_path.read_text().splitlines() if log_path.exists() else []
             else:
-                adversary = package.AutoAttack(model, version="standard", device=x.device, **settings)
+                adversary = package.AutoAttack(model, device=x.device, **settings)
                 x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=cfg.batch_size)
     finally:
         log.removeHandler(handler)
@@ -778,7 +773,7 @@ def autoattack(model, data, indices, cfg: Config):
         version = getattr(package, "__version__", "unknown")
     after = re.findall(r"robust accuracy after ([\w-]+): ([\d.]+)%", "\n".join(lines))
     acc = 100 * (y_adv.to(y.device) == y).float().mean().item()
-    record = {"acc": acc, "n": len(y), "after": {a.lower(): float(v) for a, v in after}, "version": "standard"}
+    record = {"acc": acc, "n": len(y), "after": {a.lower(): float(v) for a, v in after}}
     return record | settings | {"package": package.__name__, "package_version": version}
 
 
@@ -907,6 +902,9 @@ class Run:
         """A checkpoint --eval-only can rebuild the model from: its weights, the config and the number of classes."""
         return {"model": model.state_dict(), "config": dataclasses.asdict(self.cfg), "num_classes": self.classes}
 
+    def save_swa(self):  # the running average (for --resume), or the evaluated one with its BN statistics
+        save_checkpoint(self.state(self.swa.module) | {"n_averaged": self.swa.n_averaged.item()}, self.out / "swa.pt")
+
     def load(self, path):
         """--resume: every part, the RNGs, the position in training (inside an epoch after --max-steps) and SWA."""
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
@@ -963,9 +961,8 @@ class Run:
             for k, v in terms.items():  # summed on the device: the host syncs only at log points
                 sums[k], counts[k] = sums.get(k, 0) + v.detach().double(), counts.get(k, 0) + 1
             if self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total:
-                shown = " ".join(
-                    f"{k} {(sums[k] / counts[k]).item():.3f}" for k in ("loss", "ce_adv", "inv") if k in sums
-                )
+                means = {k: (sums[k] / counts[k]).item() for k in ("loss", "ce_adv", "inv") if k in sums}
+                shown = " ".join(f"{k} {v:.3f}" for k, v in means.items())
                 where = f"epoch {self.epoch + 1} step {self.batch}/{len(batches)}"
                 print(f"{where} | {shown} | {eta(start[0], self.step - start[1], total - self.step)}", flush=True)
             if self.step == cfg.max_steps:
@@ -992,12 +989,8 @@ class Run:
             except ImportError:
                 raise ConfigError("--tensorboard: TensorBoard is not installed; pip install tensorboard") from None
         while self.epoch < cfg.epochs and self.step < (cfg.max_steps or math.inf):
-            epoch, seed, step, epoch_start = (
-                self.epoch + 1,
-                (cfg.seed * 1_000_003 + self.epoch) * 2,
-                self.step,
-                time.time(),
-            )
+            epoch, step, t0 = self.epoch + 1, self.step, time.time()
+            seed = (cfg.seed * 1_000_003 + self.epoch) * 2  # the epoch's order and augmentation, whenever it runs
             if self.batch:  # resuming inside an epoch: the alpha and beta measured at its start
                 acc, alpha, beta = (self.record[k] for k in ("balance_acc", "alpha", "beta"))
             else:  # Eq. 8 with Acc of the model before this epoch (epoch 1 starts near chance, so beta ~ 1 at first)
@@ -1008,7 +1001,7 @@ class Run:
                 alpha, beta = auto_balance(acc / 100) if cfg.auto_balance else (cfg.alpha, cfg.beta)
             rec = dict(epoch=epoch, lr=self.optimizer.param_groups[0]["lr"], alpha=alpha, beta=beta, balance_acc=acc)
             rec |= self.train_epoch(seed, alpha, beta, start)
-            rec |= dict(step=self.step, images_per_s=(self.step - step) * cfg.batch_size / (time.time() - epoch_start))
+            rec |= dict(step=self.step, images_per_s=(self.step - step) * cfg.batch_size / (time.time() - t0))
             rec |= {"batches": self.batch} if self.batch else {}  # cut short by --max-steps: --resume continues it
             self.evaluate_epoch(rec)
             # The checkpoint first: on resume it decides where training continues; the log only reports.
@@ -1016,17 +1009,13 @@ class Run:
             state |= dict(epoch=self.epoch, step=self.step, batch=self.batch, record=rec, best=self.best)
             save_checkpoint(self.state(self.model) | state, self.out / "last.pt")
             if self.swa is not None:  # the running average, for --resume (`report` estimates its BN statistics)
-                save_checkpoint(
-                    self.state(self.swa.module) | {"n_averaged": self.swa.n_averaged.item()}, self.out / "swa.pt"
-                )
+                self.save_swa()
             log.open("a").write(json.dumps(rec) + "\n")
             for k, v in rec.items() if writer else ():
                 writer.add_scalar(k, v, epoch) if isinstance(v, (int, float)) else None
             keys = ("loss", "acc_adv", "clean_acc", "clean_acc_aux", f"pgd{cfg.eval_steps}_acc", "val_pgd_acc")
             shown = " ".join(f"{k} {rec[k]:.2f}" for k in keys if rec.get(k) is not None)
-            print(
-                f"epoch {epoch}/{cfg.epochs} lr {rec['lr']:.4g} a {alpha:.3f} {shown} {time.time() - epoch_start:.0f} s"
-            )
+            print(f"epoch {epoch}/{cfg.epochs} lr {rec['lr']:.4g} a {alpha:.3f} {shown} ({time.time() - t0:.0f} s)")
             self.record = rec
 
     def evaluate_epoch(self, rec):
@@ -1045,13 +1034,10 @@ class Run:
         """Test figures of one model: clean accuracy through both BN sets; with `pgd`, PGD accuracy and the feature
         similarity (Table 5); when `final`, PGD through the auxiliary BNs too (Table 8), and AutoAttack (--aa-n)."""
         cfg, key, label = self.cfg, f"pgd{self.cfg.eval_steps}_acc", pgd and f"PGD-{self.cfg.eval_steps} evaluation"
-        r = evaluate(model, self.test_set, self.test_idx, cfg, attack=pgd, label=label)
+        test = (self.test_set, self.test_idx)
+        r = evaluate(model, *test, cfg, attack=pgd, label=label)
         m = {"clean_acc": r["clean"]} | ({key: r["robust"], "feature_cos_sim": r["cos"]} if pgd else {})
-        aux = (
-            evaluate(model, self.test_set, self.test_idx, cfg, "aux", final, label=final and label)
-            if cfg.split_bn
-            else {}
-        )
+        aux = evaluate(model, *test, cfg, "aux", final, label=final and label) if cfg.split_bn else {}
         m |= {"clean_acc_aux": aux.get("clean")} | ({f"{key}_aux": aux.get("robust")} if final else {})
         if final and cfg.aa_n:
             idx = eval_indices(cfg, self.test_set, cfg.aa_n)
@@ -1075,9 +1061,7 @@ class Run:
         if self.swa is not None and self.swa.n_averaged > 0:
             print(f"SWA: {self.swa.n_averaged.item()} snapshots averaged; estimating their BN statistics", flush=True)
             models["swa_"] = reestimate_bn(self.swa.module, self.train_set, self.train_idx, cfg, self.autocast)
-            save_checkpoint(
-                self.state(self.swa.module) | {"n_averaged": self.swa.n_averaged.item()}, self.out / "swa.pt"
-            )
+            self.save_swa()
         if self.best is not None:
             models["best_"] = build_model(cfg.arch, self.classes, cfg.split_bn).to(self.device)
             models["best_"].load_state_dict(torch.load(self.out / "best.pt", map_location=self.device)["model"])
@@ -1087,18 +1071,15 @@ class Run:
             metrics |= {prefix + k: v for k, v in m.items()}
             aa = f"  AutoAttack {m['aa_acc']:.2f}% on {m['n_aa']}" if cfg.aa_n else ""
             name = {"": "final", "swa_": "SWA", "best_": f"best (epoch {self.best and self.best['epoch']})"}[prefix]
-            print(
-                f"{name}: clean {m['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {m[key]:.2f}% on {len(self.test_idx)}{aa}"
-            )
+            print(f"{name}: clean {m['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {m[key]:.2f}%{aa}", flush=True)
         if not cfg.eval_only:
             log = [json.loads(line) for line in (self.out / "log.jsonl").open()]
             for k in ("grad_sim", "conflict_frac"):  # the run's mean: Table 17's column, Fig. 2b
                 if values := [r[k] for r in log if k in r]:
                     metrics[k] = statistics.fmean(values)
             metrics |= {"epochs": self.record["epoch"], "steps": self.step, "method": self.label}
-            metrics |= (
-                {"best_epoch": self.best["epoch"], "best_val_pgd_acc": self.best["val_pgd_acc"]} if self.best else {}
-            )
+            if self.best:
+                metrics |= {"best_epoch": self.best["epoch"], "best_val_pgd_acc": self.best["val_pgd_acc"]}
         metrics |= {"norm": cfg.norm, "eval_eps": cfg.eval_eps, "eval_step_size": cfg.eval_step_size}
         metrics["config"] = dataclasses.asdict(cfg)
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -1125,9 +1106,7 @@ def main(cfg: Config, setup=None, prog="arat.py") -> dict:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 3) from None
     except KeyboardInterrupt:
-        print(
-            f"\n{prog}: interrupted; last.pt holds the last finished epoch; add --resume to continue", file=sys.stderr
-        )
+        print(f"\n{prog}: interrupted; last.pt holds the last finished epoch: add --resume", file=sys.stderr)
         raise SystemExit(130) from None
 
 
