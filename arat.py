@@ -281,8 +281,7 @@ def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True):
 
     Never modifies x (the released code added its random start to the caller's batch in place). Without a random
     start the first gradient is taken at x itself, even if x lies outside [0, 1]. Gradients are taken with respect to
-    delta only, and the weights are frozen meanwhile: eager autograd then skips every weight-gradient kernel, and a
-    torch.compile'd model does not compute them in its joint graph either.
+    delta only, the weights frozen meanwhile: no weight gradient is computed, and nothing accumulates in .grad.
     """
     view = (-1, *[1] * (x.dim() - 1))
     if not random_start:
@@ -490,6 +489,7 @@ CHOICES = {"arch": ARCHS, "variant": VARIANTS, "norm": THREATS, "attack_mode": (
 URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         "imagenette": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"}  # 9,469 train / 3,925 val
+CIFAR = ("cifar10", "cifar100")
 # Flags that may differ when a run is resumed; any other difference from the checkpoint's config is refused.
 RESUMABLE = {"resume", "device", "workers", "log_every", "max_steps", "eval_every", "eval_n", "aa_n", "data_dir",
              "download", "grad_sim_every", "bn_stats", "tensorboard", "export"}
@@ -529,7 +529,7 @@ def resolve(cfg: Config, label=method_label) -> Config:
         raise ConfigError(f"--dataset: {cfg.dataset!r} is neither one of {', '.join(URLS)} nor a folder")
     if cfg.auto_balance and (cfg.alpha is not None or cfg.beta is not None):
         raise ConfigError("--alpha/--beta: fixed weights need --no-auto-balance (auto-balance sets them, Eq. 8)")
-    if cfg.dataset in ("cifar10", "cifar100") and cfg.image_size not in (None, 32):
+    if cfg.dataset in CIFAR and cfg.image_size not in (None, 32):
         raise ConfigError(f"--image-size: CIFAR images are 32x32, got {cfg.image_size}; it applies to image folders")
     if cfg.lr_drops and not re.fullmatch(r"\d+(,\d+)*", cfg.lr_drops):
         raise ConfigError(f"--lr-drops: give epochs separated by commas, such as 75,90, not {cfg.lr_drops!r}")
@@ -553,7 +553,7 @@ def resolve(cfg: Config, label=method_label) -> Config:
     drops, swa_start = f"{round(0.75 * cfg.epochs)},{round(0.9 * cfg.epochs)}", max(1, round(0.76 * cfg.epochs))
     cfg = dataclasses.replace(cfg, eval_step_size=cfg.eval_step_size or step, device=device, amp=cfg.amp or amp)
     cfg = dataclasses.replace(cfg, attack_mode=cfg.attack_mode or mode, lr_drops=cfg.lr_drops or drops)
-    size = {"cifar10": 32, "cifar100": 32, "imagenette": 128}.get(cfg.dataset)  # Imagenette: 128 crops, as released
+    size = {**dict.fromkeys(CIFAR, 32), "imagenette": 128}.get(cfg.dataset)  # Imagenette: 128 crops, as released
     size = cfg.image_size or saved.get("image_size") or size or _folder_image_size(Path(cfg.dataset))
     workers = min(4, len(os.sched_getaffinity(0))) if cfg.workers is None else cfg.workers
     cfg = dataclasses.replace(cfg, image_size=size, workers=workers, swa_start=cfg.swa_start or swa_start)
@@ -629,7 +629,7 @@ class Images:
 def load_data(cfg: Config, device):
     """(train images, test images, number of classes); CIFAR and Imagenette are downloaded when missing."""
     try:
-        if cfg.dataset in ("cifar10", "cifar100"):
+        if cfg.dataset in CIFAR:
             cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
             sets = [cls(cfg.data_dir, train=train, download=cfg.download) for train in (True, False)]
         else:
@@ -686,7 +686,7 @@ def balanced_order(targets, seed=0):
 def eval_indices(cfg: Config, data, n):
     """The evaluated test images: CIFAR's first n (RobustBench's convention), a folder's fixed class-balanced n."""
     n = min(n or len(data.targets), len(data.targets))
-    return list(range(n)) if cfg.dataset in ("cifar10", "cifar100") else balanced_order(data.targets)[:n]
+    return list(range(n)) if cfg.dataset in CIFAR else balanced_order(data.targets)[:n]
 
 
 # ------------------------------------------------------------------------------------------------------------- Evaluate
@@ -782,6 +782,7 @@ def reestimate_bn(model, data, indices, cfg: Config, autocast):
     the averaged model, the auxiliary BNs on the clean images, exact averages (momentum None). The attack normalises
     with batch statistics but moves none (the released code let it, and left the auxiliary BNs reset)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
@@ -796,8 +797,8 @@ def reestimate_bn(model, data, indices, cfg: Config, autocast):
                 model(x)
             with torch.no_grad():
                 model(x_adv)
-    for m in bns:
-        m.momentum = 0.1
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
     return model.eval()
 
 
