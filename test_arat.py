@@ -472,32 +472,42 @@ def _released_step(model, taps, predictors, x, y, eps, step, steps, alpha, beta,
     return noisy, x_adv, loss
 
 
-def test_official_quirks_step_equals_the_released_semantics_in_float64():
+def test_official_quirks_steps_equal_the_released_semantics_in_float64():
     cfg = tiny_cfg(official_quirks=True, attack_steps=4)
     torch.manual_seed(0)
     model = tiny_model().double().train()
     head = arat.InvarianceHead(model, cfg).double().train()
     twin, twin_head = copy.deepcopy(model), copy.deepcopy(head)
-    x, y = torch.rand(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
-    x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0  # pixels at the box edges: the noisy batch leaves [0, 1] there
-    torch.manual_seed(1)
-    clean, x_adv = arat.arat_attack(model, head, x, y, cfg)
-    loss, _ = arat.arat_loss(model, head, clean, x_adv, y, cfg, 0.4, 0.6)
-    loss.backward()
-    torch.manual_seed(1)
+    ours, theirs = (
+        torch.optim.SGD([*m.parameters(), *h.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for m, h in ((model, head), (twin, twin_head))
+    )
     taps = cfg.layers.split(",")
-    noisy, ref_adv, ref_loss = _released_step(
-        twin, taps, twin_head.predictors, x, y, cfg.eps, cfg.step_size, 4, 0.4, 0.6, cfg.gamma
-    )
-    ref_loss.backward()
-    assert torch.equal(clean, noisy) and (noisy < 0).any() and (noisy > 1).any()  # the clean batch is not clamped
-    assert torch.allclose(x_adv, ref_adv, rtol=0, atol=1e-12)
-    assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
-    assert all(
-        torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(buffers(model).values(), buffers(twin).values())
-    )
+    for step in range(3):  # three optimiser steps on the same batches, from the same RNG state
+        x, y = torch.rand(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+        x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0  # pixels at the box edges: the noisy batch leaves [0, 1] there
+        torch.manual_seed(step)
+        clean, x_adv = arat.arat_attack(model, head, x, y, cfg)
+        loss, _ = arat.arat_loss(model, head, clean, x_adv, y, cfg, 0.4, 0.6)
+        torch.manual_seed(step)
+        noisy, ref_adv, ref_loss = _released_step(
+            twin, taps, twin_head.predictors, x, y, cfg.eps, cfg.step_size, 4, 0.4, 0.6, cfg.gamma
+        )
+        assert torch.equal(clean, noisy) and (noisy < 0).any() and (noisy > 1).any()  # the clean batch: unclamped
+        assert torch.allclose(x_adv, ref_adv, rtol=0, atol=1e-12)
+        assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
+        for optimizer, value in ((ours, loss), (theirs, ref_loss)):
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+    for a, b in zip([*model.parameters(), *head.parameters()], [*twin.parameters(), *twin_head.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(
+            ours.state[a]["momentum_buffer"], theirs.state[b]["momentum_buffer"], rtol=1e-9, atol=1e-12
+        )
+    ours_bn, theirs_bn = ([*buffers(m).values(), *buffers(h).values()] for m, h in ((model, head), (twin, twin_head)))
+    for a, b in zip(ours_bn, theirs_bn, strict=True):  # both BN sets of the model, and the predictors' BNs
+        assert torch.allclose(a.double(), b.double(), rtol=1e-10, atol=0)
 
 
 def test_official_quirks_add_no_noise_to_l2_training():
@@ -883,6 +893,25 @@ def test_a_swa_run_writes_swa_pt_and_reports_the_average(tiny, tmp_path):
         arat.parse_args(["--eval-only", "--checkpoint", str(tmp_path / "run" / "swa.pt"), *FAST.split()])
     )
     assert evaluated["clean_acc"] == metrics["swa_clean_acc"] and evaluated["pgd3_acc"] == metrics["swa_pgd3_acc"]
+
+
+def test_swa_resumes_with_the_run(tiny, tmp_path, monkeypatch):
+    flags = ["--epochs", "2", "--swa", "--swa-start", "1", "--swa-every", "2"]
+    arat.main(cli(tiny, tmp_path / "straight", *flags))
+    save = arat.save_checkpoint
+
+    def save_then_stop(state, path):
+        save(state, path)
+        if path.name == "swa.pt":  # saved right after last.pt: the run dies once both hold epoch 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(arat, "save_checkpoint", save_then_stop)
+    with pytest.raises(SystemExit):
+        arat.main(cli(tiny, tmp_path / "resumed", *flags))
+    monkeypatch.setattr(arat, "save_checkpoint", save)
+    arat.main(cli(tiny, tmp_path / "resumed", *flags, "--resume"))
+    a, b = (torch.load(tmp_path / run / "swa.pt", weights_only=False) for run in ("straight", "resumed"))
+    assert a["n_averaged"] == b["n_averaged"] == 3 and same_tensors(a["model"], b["model"])
 
 
 def test_eval_only_reproduces_the_accuracy_the_training_run_reported(tiny, tmp_path):
