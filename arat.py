@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import functools
 import importlib.metadata
@@ -28,6 +29,7 @@ import math
 import os
 import random
 import re
+import resource
 import statistics
 import sys
 import time
@@ -37,6 +39,8 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 from torchvision import datasets
@@ -276,22 +280,24 @@ class InvarianceHead(nn.Module):
 # ------------------------------------------------------------------------------------------------ Attack (Eq. 1)
 
 
-def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True):
+def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True, shard=(0, 1)):
     """Eq. 1 by projected gradient ascent on CE(f(x + delta), y): returns x' with ||x' - x|| <= eps and x' in [0, 1].
 
     Never modifies x (the released code added its random start to the caller's batch in place). Without a random
     start the first gradient is taken at x itself, even if x lies outside [0, 1]. Gradients are taken with respect to
     delta only, the weights frozen meanwhile: no weight gradient is computed, and nothing accumulates in .grad.
+    With shard = (rank, world) the random start of the whole global batch is drawn and this process's rows kept, so
+    that N processes under torchrun attack exactly as one process would.
     """
-    view = (-1, *[1] * (x.dim() - 1))
+    view, (rank, world) = (-1, *[1] * (x.dim() - 1)), shard
+    start = torch.empty((len(x) * world, *x.shape[1:]), dtype=x.dtype, device=x.device)
     if not random_start:
         delta = torch.zeros_like(x)
-    elif norm == "linf":
-        delta = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) - x
-    else:  # uniform radius along a random direction
-        delta = torch.randn_like(x)
-        delta *= eps * torch.rand(len(x), device=x.device).view(view) / delta.flatten(1).norm(dim=1).view(view)
-        delta = (x + delta).clamp(0, 1) - x
+    elif norm == "linf":  # uniform in the box
+        delta = (x + start.uniform_(-eps, eps)[rank::world]).clamp(0, 1) - x
+    else:  # a uniform radius along a random direction
+        delta, radius = start.normal_(), torch.rand(len(start), device=x.device).view(view)
+        delta = (x + (delta * (eps * radius / delta.flatten(1).norm(dim=1).view(view)))[rank::world]).clamp(0, 1) - x
     # Under fp16 autocast the backward pass through confident logits underflows to exact zeros; scaling the loss
     # keeps the direction (sign / normalised gradient are scale-free), as GradScaler does for weight gradients.
     fp16 = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16
@@ -315,7 +321,7 @@ def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True):
     return (x + delta).detach()
 
 
-def arat_attack(model, head, x, y, cfg):
+def arat_attack(model, head, x, y, cfg, shard=(0, 1)):
     """The training attack: PGD-10 on CE through the main BNs, in train mode as released, so the main BNs' running
     statistics absorb the attack's forward passes (L2, as released: eval mode). Returns the batch the clean branch
     trains on and x'."""
@@ -324,7 +330,7 @@ def arat_attack(model, head, x, y, cfg):
         x = x + torch.empty_like(x).uniform_(-cfg.eps, cfg.eps)  # the clean branch trains on this unclamped point
         start = False  # and the attack starts there, its ball centred on it
     with train_mode(model, cfg.attack_mode == "train"):
-        return x, pgd(model, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm, start)
+        return x, pgd(model, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm, start, shard)
 
 
 # ---------------------------------------------------------------------------------------------- Losses (Eqs. 3-8)
@@ -402,7 +408,7 @@ class Method(typing.NamedTuple):
     """A training method, the seam of the training loop; baselines.py adds AT, TRADES, MART, LBGAT, Asym-TRADES."""
 
     name: str
-    attack: typing.Callable  # (model, extra, x, y, cfg) -> (the batch the clean branch sees, x')
+    attack: typing.Callable  # (model, extra, x, y, cfg, shard) -> (the batch the clean branch sees, x')
     loss: typing.Callable  # (model, extra, x, x', y, cfg, alpha, beta) -> (loss, {term: tensor})
     extra: typing.Callable  # (model, cfg) -> the nn.Module it trains besides the model (predictors, a teacher)
 
@@ -431,6 +437,9 @@ class Config:
     resume: bool = arg(False, "continue the run in --out from its last.pt")
     device: str | None = arg(None, "cuda | cpu | cuda:1 ...; default cuda if available, else cpu")
     amp: str | None = arg(None, "bf16 | fp16 | off; default bf16 on GPUs and on CPUs with native bf16, else off")
+    channels_last: bool | None = arg(None, "NHWC memory; default on, but off for fp32 on a CPU (the exact path)")
+    compile: bool = arg(False, "torch.compile the model (feature capture, checkpoints and exports are unaffected)")
+    benchmark: int = arg(0, "time N training steps after 2 warm-up steps, print a 'benchmark:' line, write nothing")
     eval_only: bool = arg(False, "evaluate --checkpoint without training", "evaluation only")
     checkpoint: str | None = arg(None, "last.pt, best.pt, swa.pt, an --export or a baselines.py checkpoint")
     export: str | None = arg(None, "write the inference model (main BNs, plain state_dict, inputs in [0, 1]) here")
@@ -482,7 +491,7 @@ class Config:
 MINIMUM = {"epochs": 1, "batch_size": 2, "attack_steps": 1, "eval_steps": 1, "eval_every": 1, "log_every": 1,
            "max_steps": 1, "eval_n": 1, "balance_n": 1, "image_size": 8, "workers": 0, "aa_n": 0, "val_n": 0,
            "grad_sim_every": 0, "gamma": 0, "alpha": 0, "beta": 0, "weight_decay": 0, "momentum": 0,
-           "swa_start": 1, "swa_every": 1}
+           "swa_start": 1, "swa_every": 1, "benchmark": 0}
 POSITIVE = ("lr", "eps", "step_size", "eval_eps", "eval_step_size")
 CHOICES = {"arch": ARCHS, "variant": VARIANTS, "norm": THREATS, "attack_mode": ("train", "eval"),
            "amp": ("bf16", "fp16", "off")}
@@ -492,7 +501,7 @@ URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
 CIFAR = ("cifar10", "cifar100")
 # Flags that may differ when a run is resumed; any other difference from the checkpoint's config is refused.
 RESUMABLE = {"resume", "device", "workers", "log_every", "max_steps", "eval_every", "eval_n", "aa_n", "data_dir",
-             "download", "grad_sim_every", "bn_stats", "tensorboard", "export"}
+             "download", "grad_sim_every", "bn_stats", "tensorboard", "export", "compile", "channels_last", "benchmark"}
 # fmt: on
 
 
@@ -513,6 +522,8 @@ def resolve(cfg: Config, label=method_label) -> Config:
     """Check every flag and fill in the derived defaults, once; returns a new Config. `label(cfg)` names the run."""
     if cfg.eval_only and not cfg.checkpoint:
         raise ConfigError("--eval-only: give the model to evaluate with --checkpoint PATH")
+    if cfg.eval_only and cfg.benchmark:
+        raise ConfigError("--benchmark: times training steps, so it cannot run with --eval-only")
     saved = read_checkpoint(cfg.checkpoint)[1] if cfg.eval_only else {}  # what the model was trained with
     dataset, norm = cfg.dataset or saved.get("dataset", "cifar10"), cfg.norm or saved.get("norm", "linf")
     cfg = dataclasses.replace(cfg, dataset=dataset, norm=norm, arch=saved.get("arch", cfg.arch))
@@ -552,6 +563,10 @@ def resolve(cfg: Config, label=method_label) -> Config:
     mode = "train" if cfg.norm == "linf" else "eval"  # as released (torchattacks' L2 attack runs in eval mode)
     drops, swa_start = f"{round(0.75 * cfg.epochs)},{round(0.9 * cfg.epochs)}", max(1, round(0.76 * cfg.epochs))
     cfg = dataclasses.replace(cfg, eval_step_size=cfg.eval_step_size or step, device=device, amp=cfg.amp or amp)
+    # NHWC speeds convolutions up (tensor cores; CPU: AR-AT step 6% faster in bf16, 9% in fp32), but on a CPU in fp32
+    # it changes their rounding, and fp32 on a CPU is where a training step equals the released code's bit for bit.
+    fast = cfg.amp != "off" or not device.startswith("cpu")
+    cfg = dataclasses.replace(cfg, channels_last=fast if cfg.channels_last is None else cfg.channels_last)
     cfg = dataclasses.replace(cfg, attack_mode=cfg.attack_mode or mode, lr_drops=cfg.lr_drops or drops)
     size = {**dict.fromkeys(CIFAR, 32), "imagenette": 128}.get(cfg.dataset)  # Imagenette: 128 crops, as released
     size = cfg.image_size or saved.get("image_size") or size or _folder_image_size(Path(cfg.dataset))
@@ -603,9 +618,36 @@ def parse_args(argv=None, config=Config, prog="arat.py") -> Config:
 # ----------------------------------------------------------------------------------------------------------------- Data
 
 
+class TensorImages:
+    """CIFAR as uint8 tensors on the training device (50,000 images are 150 MB), cropped and flipped there: a CPU
+    loader cannot feed a fast GPU. Each image's crop and flip is drawn from the pass's seed, whichever batch it lands
+    in, so N processes under torchrun see exactly what one process would. Batches in [0, 1], as torchvision's."""
+
+    def __init__(self, dataset, device):
+        self.x = torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)  # N x 3 x 32 x 32
+        self.targets, self.classes = list(dataset.targets), dataset.classes
+        self.y = torch.as_tensor(self.targets, device=device)
+
+    def batches(self, index_batches, seed=None):
+        """The given batches; augmented when `seed` is given (Sec. 4: random crop after 4 px zero padding, flip)."""
+        if seed is not None:
+            g, n, device = torch.Generator().manual_seed(seed), len(self.targets), self.x.device
+            shift, flip = torch.randint(0, 9, (n, 2), generator=g).to(device), torch.rand(n, generator=g).to(device)
+            span, channel = torch.arange(self.x.shape[-1], device=device), torch.arange(3, device=device)[:, None, None]
+        for idx in index_batches:
+            idx = idx.to(self.x.device)
+            x = self.x[idx]
+            if seed is not None:
+                rows, cols = (shift[idx, i, None] + span for i in (0, 1))
+                batch = torch.arange(len(idx), device=x.device)[:, None, None, None]
+                x = F.pad(x, (4, 4, 4, 4))[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+                x = torch.where(flip[idx, None, None, None] < 0.5, x.flip(3), x)
+            yield x.to(torch.get_default_dtype()).div(255), self.y[idx]  # float32 unless set otherwise
+
+
 class Images:
-    """A torchvision dataset (CIFAR, or an image folder with a subfolder per class) read by DataLoader workers, in
-    [0, 1] without mean/std normalisation. Training takes random crops after 4 px zero padding and flips (Sec. 4; on
+    """An image folder (a subfolder per class) read by DataLoader workers, in [0, 1]
+    without mean/std normalisation. Training takes random crops after 4 px zero padding and flips (Sec. 4; on
     Imagenette 128 px crops of the 160 px images, as released), evaluation the centre crop: nothing is resized."""
 
     def __init__(self, dataset, size, workers, device):
@@ -646,6 +688,8 @@ def load_data(cfg: Config, device):
         raise ConfigError(f"--dataset {cfg.dataset}: not found in {cfg.data_dir} and {why}; download {where}") from None
     if sets[0].classes != sets[1].classes:
         raise ConfigError(f"--dataset: train/ and val/ of {cfg.dataset} have different class folders")
+    if cfg.dataset in CIFAR:
+        return *(TensorImages(s, device) for s in sets), len(sets[0].classes)
     return *(Images(s, cfg.image_size, cfg.workers, device) for s in sets), len(sets[0].classes)
 
 
@@ -665,13 +709,14 @@ def _folder_image_size(root: Path):
     return min(next(iter(sizes)))
 
 
-def index_batches(indices, batch_size, seed=None, drop_last=False):
-    """The batches of one pass over `indices`, shuffled by `seed` unless it is None."""
+def index_batches(indices, batch_size, seed=None, drop_last=False, shard=(0, 1)):
+    """The batches of one pass over `indices`, shuffled by `seed` unless it is None. Under torchrun each process
+    keeps rows rank::world of every global batch: together they see exactly the batches one process would."""
     idx = torch.as_tensor(indices, dtype=torch.long)
     if seed is not None:
         idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
     stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
-    return [idx[i : i + batch_size] for i in range(0, stop, batch_size)]
+    return [idx[i : i + batch_size][shard[0] :: shard[1]] for i in range(0, stop, batch_size)]
 
 
 def balanced_order(targets, seed=0):
@@ -851,16 +896,62 @@ def eta(start, done, left):
 # ------------------------------------------------------------------------------------------------------------------ Run
 
 
+class Trainee(nn.Module):
+    """The model and the method's extra modules, with the method's loss as forward: what DDP wraps under torchrun,
+    so that it sees one forward per backward however many passes the loss makes."""
+
+    def __init__(self, model, extra, loss):
+        super().__init__()
+        self.model, self.extra, self.loss = model, extra, loss
+
+    def forward(self, *args):
+        return self.loss(self.model, self.extra, *args)
+
+
+def _distributed(cfg: Config):
+    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: a process per GPU (NCCL), or per
+    CPU worker (gloo); --batch-size stays the global batch."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), torch.device(cfg.device)
+    if world == 1:
+        return 0, 1, device
+    if cfg.official_quirks or cfg.batch_size % world:
+        raise ConfigError(f"torchrun: --batch-size must divide among {world} processes; --official-quirks runs in one")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # rank 0 evaluates alone: the others may wait long at their next collective
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
+    return dist.get_rank(), world, device
+
+
+def _global_batch_norm(bn, group, x):
+    """A train-mode BN forward with the statistics of the global batch (a differentiable all-reduce), so that N
+    processes compute what one would, attack steps included; nn.SyncBatchNorm does the same on GPUs only."""
+    if not (bn.training and dist.is_initialized()):
+        return type(bn).forward(bn, x)
+    dims, c, xf = [0, *range(2, x.dim())], x.shape[1], x.to(torch.promote_types(x.dtype, torch.float32))
+    shape, count = (1, c, *[1] * (x.dim() - 2)), torch.full((1,), x.numel() / c, dtype=xf.dtype, device=x.device)
+    sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]), group=group)
+    n, mean = sums[-1], sums[:c] / sums[-1]
+    var = dist_nn.all_reduce((xf - mean.view(shape)).square().sum(dims), group=group) / n  # two passes, as BN does
+    with torch.no_grad():
+        bn.num_batches_tracked += 1
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), bn.momentum)
+        bn.running_var.lerp_((var * n / (n - 1)).to(bn.running_var.dtype), bn.momentum)
+    out = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    return (out * bn.weight.view(shape) + bn.bias.view(shape)).to(x.dtype)
+
+
 class Run:
     """One run of a method (AR-AT, or one of baselines.py's) from a resolved Config: `train`, then `report`. With
     --eval-only it holds the checkpoint's model alone."""
 
     def __init__(self, cfg: Config, method: Method = ARAT, label="v3"):
         self.cfg, self.method, self.label, self.out = cfg, method, label, Path(cfg.out)
-        self.device = torch.device(cfg.device)
+        self.rank, self.world, self.device = _distributed(cfg)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        if not cfg.eval_only and cfg.resume != (self.out / "last.pt").exists():
+        if not (cfg.eval_only or cfg.benchmark) and cfg.resume != (self.out / "last.pt").exists():
             if cfg.resume:
                 raise ConfigError(f"--resume: there is no checkpoint at {self.out / 'last.pt'}")
             raise ConfigError(f"--out: {self.out} already holds a run; add --resume to continue it, or choose another")
@@ -885,6 +976,18 @@ class Run:
             self.model.load_state_dict(state)
             return
         self.extra = method.extra(self.model, cfg).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its convolution algorithms once
+        self.model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        self.fwd = torch.compile(self.model) if cfg.compile else self.model  # hooks are in: features are captured
+        self.trainee = Trainee(self.fwd, self.extra, method.loss)
+        if self.world > 1:
+            group = dist.new_group()  # BN statistics travel apart from DDP's gradient buckets
+            for m in [*self.model.modules(), *self.extra.modules()]:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.forward = functools.partial(_global_batch_norm, m, group)
+            ddp = nn.parallel.DistributedDataParallel
+            self.trainee = ddp(self.trainee, broadcast_buffers=False, find_unused_parameters=True)
         params = [*self.model.parameters(), *self.extra.parameters()]
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         drops = [int(d) for d in cfg.lr_drops.split(",")]
@@ -926,8 +1029,8 @@ class Run:
     def train_step(self, x, y, alpha, beta, grad_sim=False):
         """One step of the method: its attack, its loss, one backward, one SGD step; returns the loss terms."""
         with self.autocast():
-            x, x_adv = self.method.attack(self.model, self.extra, x, y, self.cfg)
-            loss, terms = self.method.loss(self.model, self.extra, x, x_adv, y, self.cfg, alpha, beta)
+            x, x_adv = self.method.attack(self.fwd, self.extra, x, y, self.cfg, (self.rank, self.world))
+            loss, terms = self.trainee(x, x_adv, y, self.cfg, alpha, beta)
         if grad_sim and "inv" in terms:  # Table 17, on the step's own graph: no gradient or weight changes
             terms["grad_sim"], terms["conflict_frac"] = gradient_similarity(terms["cls"], terms["inv"], self.weights)
         self.optimizer.zero_grad(set_to_none=True)
@@ -941,7 +1044,8 @@ class Run:
         cfg = self.cfg
         self.model.train()
         self.extra.train()
-        batches = index_batches(self.train_idx, cfg.batch_size, seed, drop_last=not cfg.official_quirks)
+        shard = (self.rank, self.world)
+        batches = index_batches(self.train_idx, cfg.batch_size, seed, not cfg.official_quirks, shard)
         stream = self.train_set.batches(batches, seed)
         if self.batch:  # resuming inside the epoch: skip what was trained, then go on with the checkpoint's RNG
             states = rng(self.device)
@@ -961,7 +1065,7 @@ class Run:
                 terms |= {f"bn_{k}": (mean := torch.cat([m.running_mean for m in bns])), f"bn_{k}_sq": mean.square()}
             for k, v in terms.items():  # summed on the device: the host syncs only at log points
                 sums[k], counts[k] = sums.get(k, 0) + v.detach().double(), counts.get(k, 0) + 1
-            if self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total:
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total):
                 means = {k: (sums[k] / counts[k]).item() for k in ("loss", "ce_adv", "inv") if k in sums}
                 shown = " ".join(f"{k} {v:.3f}" for k, v in means.items())
                 where = f"epoch {self.epoch + 1} step {self.batch}/{len(batches)}"
@@ -979,18 +1083,19 @@ class Run:
     def train(self):
         """The epochs: auto-balance (Eq. 8), method steps, evaluation, checkpoints, logs; resumable at any point."""
         cfg, log, start, writer = self.cfg, self.out / "log.jsonl", (time.time(), self.step), None
-        self.out.mkdir(parents=True, exist_ok=True)
-        logged = [json.loads(line)["step"] for line in log.open()] if log.exists() else []
-        if self.record and self.record["step"] not in logged:  # it stopped between a checkpoint and its log line
-            log.open("a").write(json.dumps(self.record) + "\n")
-        print(json.dumps(dataclasses.asdict(cfg)), flush=True)
-        if cfg.tensorboard:  # optional: nothing else needs it
-            try:
-                writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter(self.out / "tb")
+        if self.rank == 0:  # under torchrun, rank 0 alone writes, prints and evaluates
+            self.out.mkdir(parents=True, exist_ok=True)
+            logged = [json.loads(line)["step"] for line in log.open()] if log.exists() else []
+            if self.record and self.record["step"] not in logged:  # it stopped between a checkpoint and its log line
+                log.open("a").write(json.dumps(self.record) + "\n")
+            print(json.dumps(dataclasses.asdict(cfg)), flush=True)
+            try:  # optional: nothing else needs TensorBoard
+                writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter if cfg.tensorboard else None
             except ImportError:
                 raise ConfigError("--tensorboard: TensorBoard is not installed; pip install tensorboard") from None
+            writer = writer and writer(self.out / "tb")
         while self.epoch < cfg.epochs and self.step < (cfg.max_steps or math.inf):
-            epoch, step, t0 = self.epoch + 1, self.step, time.time()
+            step, t0 = self.step, time.time()
             seed = (cfg.seed * 1_000_003 + self.epoch) * 2  # the epoch's order and augmentation, whenever it runs
             if self.batch:  # resuming inside an epoch: the alpha and beta measured at its start
                 acc, alpha, beta = (self.record[k] for k in ("balance_acc", "alpha", "beta"))
@@ -1000,27 +1105,18 @@ class Run:
                 with self.autocast():
                     acc = evaluate(self.model, self.train_set, first, cfg, "aux", attack=False, seed=seed + 1)["clean"]
                 alpha, beta = auto_balance(acc / 100) if cfg.auto_balance else (cfg.alpha, cfg.beta)
-            rec = dict(epoch=epoch, lr=self.optimizer.param_groups[0]["lr"], alpha=alpha, beta=beta, balance_acc=acc)
+            rec = dict(epoch=self.epoch + 1, lr=self.optimizer.param_groups[0]["lr"], alpha=alpha, beta=beta)
+            rec["balance_acc"] = acc
             rec |= self.train_epoch(seed, alpha, beta, start)
             rec |= dict(step=self.step, images_per_s=(self.step - step) * cfg.batch_size / (time.time() - t0))
             rec |= {"batches": self.batch} if self.batch else {}  # cut short by --max-steps: --resume continues it
-            self.evaluate_epoch(rec)
-            # The checkpoint first: on resume it decides where training continues; the log only reports.
-            state = {k: part.state_dict() for k, part in self.parts().items()} | {"rng": rng(self.device)}
-            state |= dict(epoch=self.epoch, step=self.step, batch=self.batch, record=rec, best=self.best)
-            save_checkpoint(self.state(self.model) | state, self.out / "last.pt")
-            if self.swa is not None:  # the running average, for --resume (`report` estimates its BN statistics)
-                self.save_swa()
-            log.open("a").write(json.dumps(rec) + "\n")
-            for k, v in rec.items() if writer else ():
-                writer.add_scalar(k, v, epoch) if isinstance(v, (int, float)) else None
-            keys = ("loss", "acc_adv", "clean_acc", "clean_acc_aux", f"pgd{cfg.eval_steps}_acc", "val_pgd_acc")
-            shown = " ".join(f"{k} {rec[k]:.2f}" for k in keys if rec.get(k) is not None)
-            print(f"epoch {epoch}/{cfg.epochs} lr {rec['lr']:.4g} a {alpha:.3f} {shown} ({time.time() - t0:.0f} s)")
+            if self.rank == 0:
+                self.end_epoch(rec, log, writer, t0)
             self.record = rec
 
-    def evaluate_epoch(self, rec):
-        """Per-epoch test figures (under autocast), and the held-out PGD accuracy that selects best.pt (--val-n)."""
+    def end_epoch(self, rec, log, writer, t0):
+        """Per-epoch test figures (under autocast) and the held-out PGD accuracy that selects best.pt (--val-n); then
+        the checkpoint first, since on resume it decides where training continues, and the log, which only reports."""
         cfg, final = self.cfg, self.epoch == self.cfg.epochs or self.step == self.cfg.max_steps
         with_pgd = rec["epoch"] % cfg.eval_every == 0 and not final  # `report` evaluates the final model in fp32
         with self.autocast():
@@ -1030,6 +1126,26 @@ class Run:
         if "val_pgd_acc" in rec and (self.best is None or rec["val_pgd_acc"] > self.best["val_pgd_acc"]):
             self.best = {"epoch": rec["epoch"], "val_pgd_acc": rec["val_pgd_acc"]}
             save_checkpoint(self.state(self.model) | {"best": self.best}, self.out / "best.pt")
+        state = {k: part.state_dict() for k, part in self.parts().items()} | {"rng": rng(self.device)}
+        state |= dict(epoch=self.epoch, step=self.step, batch=self.batch, record=rec, best=self.best)
+        save_checkpoint(self.state(self.model) | state, self.out / "last.pt")
+        if self.swa is not None:  # the running average, for --resume (`report` estimates its BN statistics)
+            self.save_swa()
+        log.open("a").write(json.dumps(rec) + "\n")
+        for k, v in rec.items() if writer else ():
+            writer.add_scalar(k, v, rec["epoch"]) if isinstance(v, (int, float)) else None
+        keys = (
+            "lr",
+            "alpha",
+            "loss",
+            "acc_adv",
+            "clean_acc",
+            "clean_acc_aux",
+            f"pgd{cfg.eval_steps}_acc",
+            "val_pgd_acc",
+        )
+        shown = " ".join(f"{k} {rec[k]:.4g}" for k in keys if rec.get(k) is not None)
+        print(f"epoch {rec['epoch']}/{cfg.epochs} {shown} ({time.time() - t0:.0f} s)", flush=True)
 
     def measure(self, model, pgd=True, final=False):
         """Test figures of one model: clean accuracy through both BN sets; with `pgd`, PGD accuracy and the feature
@@ -1089,12 +1205,46 @@ class Run:
             save_checkpoint(merge_split_bn(copy.deepcopy(self.model)).state_dict(), Path(cfg.export))
         return metrics
 
+    def benchmark(self):
+        """--benchmark N: N timed steps of the method after two warm-up steps, on the run's data; writes nothing."""
+        cfg, sync = self.cfg, torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        batches = index_batches(self.train_idx, cfg.batch_size, cfg.seed, True, (self.rank, self.world))
+        times = []
+        for x, y in self.train_set.batches(list(itertools.islice(itertools.cycle(batches), cfg.benchmark + 2)), 0):
+            sync()
+            start = time.perf_counter()
+            self.train_step(x, y, 0.5, 0.5)
+            sync()
+            times.append(time.perf_counter() - start)
+        step_s = statistics.median(times[2:])
+        if self.device.type == "cuda":
+            peak, where = torch.cuda.max_memory_allocated(self.device) / 2**20, torch.cuda.get_device_name(self.device)
+        else:  # peak RSS, and the CPU: its model and whether it computes bf16 natively decide CPU timings
+            info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+            name = re.search(r"model name\s*:\s*(.*)", info)
+            where = f"{name[1] if name else 'CPU'} ({'native' if bf16_supported('cpu') else 'no native'} bf16)"
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"benchmark: {where}, amp={cfg.amp}, arch={cfg.arch}, batch={cfg.batch_size}, steps={cfg.benchmark}")
+        img_s = cfg.batch_size / step_s
+        print(
+            f"benchmark: method={self.label} step_s={step_s:.4f} img_s={img_s:.1f} peak_mem_mb={peak:.0f}", flush=True
+        )
+        return {"step_s": step_s, "img_s": img_s, "peak_mem_mb": peak, "times": times}
+
 
 def run(cfg: Config, method: Method = ARAT, label=None) -> dict:
-    """Train (with --eval-only: only evaluate) as configured, cfg resolved; returns the final metrics."""
+    """Train (with --eval-only: only evaluate; with --benchmark: only time) as configured, cfg resolved; returns the
+    final metrics. Under torchrun rank 0 evaluates alone, after the others have left."""
     r = Run(cfg, method, label or method_label(cfg))
+    if cfg.benchmark:
+        return r.benchmark()
     if not cfg.eval_only:
         r.train()
+        if r.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+            if r.rank:
+                return {}
     return r.report()
 
 
@@ -1102,13 +1252,18 @@ def main(cfg: Config, setup=None, prog="arat.py") -> dict:
     """Run from parsed flags: bad input ends in one line and exit code 2, an inconsistent evaluation in exit code 3.
     `setup(cfg) -> (resolved cfg, method, label)` is how baselines.py runs its methods through the same loop."""
     try:
-        return run(*(setup(cfg) if setup else (resolve(cfg), ARAT, None)))
+        metrics = run(*(setup(cfg) if setup else (resolve(cfg), ARAT, None)))
     except (ConfigError, EvaluationError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 3) from None
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; last.pt holds the last finished epoch: add --resume", file=sys.stderr)
         raise SystemExit(130) from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # all written: skip the interpreter's teardown, which gloo can
+        print(f"{prog}: rank {os.environ['RANK']} done", flush=True)  # abort ("terminate called without an active
+        sys.stderr.flush()  # exception") after the work is complete
+        os._exit(0)
+    return metrics
 
 
 if __name__ == "__main__":

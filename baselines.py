@@ -54,15 +54,17 @@ class BaselineConfig(arat.Config):
 # -------------------------------------------------------------------------------------------------------------- Attacks
 
 
-def trades_attack(model, extra, x, y, cfg, loss="kl"):
+def trades_attack(model, extra, x, y, cfg, shard=(0, 1), loss="kl"):
     """The attack of TRADES's, MART's and LBGAT's official code: from x + 0.001 N(0, 1), --attack-steps sign steps of
     --step-size within the --eps box, model in eval mode. TRADES maximises KL(p(x) || p(x')), MART CE(f(x'), y).
     p(x) is computed once per batch, not at every step as the official code does: the model does not change during
-    the attack, so the examples are the same, at 27 forward-pass equivalents per TRADES step instead of 39."""
+    the attack, so the examples are the same, at 27 forward-pass equivalents per TRADES step instead of 39. Under
+    torchrun the start of the whole global batch is drawn and this process's rows kept, as in arat.pgd."""
+    (rank, world), start = shard, torch.empty((len(x) * shard[1], *x.shape[1:]), dtype=x.dtype, device=x.device)
     with arat.train_mode(model, False):
         with torch.no_grad():
             p = F.softmax(model(x), dim=1)
-        x_adv = x + 0.001 * torch.randn_like(x)
+        x_adv = x + 0.001 * start.normal_()[rank::world]
         for _ in range(cfg.attack_steps):
             x_adv.requires_grad_(True)
             logits = model(x_adv)
@@ -75,8 +77,8 @@ def trades_attack(model, extra, x, y, cfg, loss="kl"):
     return x, x_adv
 
 
-def mart_attack(model, extra, x, y, cfg):
-    return trades_attack(model, extra, x, y, cfg, loss="ce")
+def mart_attack(model, extra, x, y, cfg, shard=(0, 1)):
+    return trades_attack(model, extra, x, y, cfg, shard, loss="ce")
 
 
 # --------------------------------------------------------------------------------------------------------------- Losses

@@ -7,6 +7,9 @@ import json
 import math
 import os
 import pickle
+import re
+import subprocess
+import sys
 import types
 from collections import OrderedDict
 
@@ -608,6 +611,9 @@ def test_cifar10_loader_reads_the_python_release_and_trains_on_it(cifar, tmp_pat
     assert (len(train.targets), len(test.targets), classes) == (40, 16, 10)
     (x, y), (x2, _) = next(train.batches([torch.arange(4)], seed=1)), next(train.batches([torch.arange(4)]))
     assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1 and not torch.equal(x, x2)  # augmented
+    assert y.tolist() == train.targets[:4]
+    part = next(train.batches([torch.tensor([3, 1])], seed=1))[0]  # each image's augmentation, whatever its batch
+    assert torch.equal(part, x[[3, 1]])
     assert torch.equal(next(test.batches([torch.arange(4)]))[0], next(test.batches([torch.arange(4)]))[0])
     metrics = arat.main(cli("cifar10", tmp_path / "run", "--data-dir", str(cifar), "--no-download", "--max-steps", "2"))
     assert metrics["n_eval"] == 8 and metrics["config"]["image_size"] == 32
@@ -1117,3 +1123,78 @@ def test_an_unknown_method_exits_2_with_a_one_line_message(capsys):
         arat.main(baseline_args("--method", "fgsm"), baselines.setup, "baselines.py")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("baselines.py: error: --method: invalid choice 'fgsm'")
+
+
+# ------------------------------------------------------------------------------------------------------- speed, scale
+
+
+def test_benchmark_prints_its_timing_line_last_and_writes_nothing(tiny, tmp_path, capsys):
+    result = arat.main(cli(tiny, tmp_path / "bench", "--benchmark", "2"))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"benchmark: method=v3 step_s=[\d.]+ img_s=[\d.]+ peak_mem_mb=\d+", lines[-1]), lines[-1]
+    assert "bf16" in lines[-2] and "amp=off" in lines[-2]  # the CPU's bf16 capability and the precision it ran
+    assert not (tmp_path / "bench").exists() and len(result["times"]) == 4  # two warm-up steps, two timed
+
+
+def test_compile_keeps_feature_capture_and_saves_uncompiled_weights(tiny, tmp_path, monkeypatch):
+    arat.main(cli(tiny, tmp_path / "eager", "--epochs", "1", "--max-steps", "2"))
+    backend = functools.partial(torch.compile, backend="aot_eager")  # the same capture; inductor's code takes minutes
+    monkeypatch.setattr(torch, "compile", backend)
+    arat.main(cli(tiny, tmp_path / "compiled", "--epochs", "1", "--max-steps", "2", "--compile"))
+    eager, compiled = read_log(tmp_path / "eager")[0], read_log(tmp_path / "compiled")[0]
+    assert compiled["inv"] == pytest.approx(eager["inv"], rel=1e-4) and compiled["loss"] == pytest.approx(
+        eager["loss"], rel=1e-4
+    )
+    a, b = weights(tmp_path / "eager" / "last.pt"), weights(tmp_path / "compiled" / "last.pt")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5) for k in a)
+
+
+LAUNCH = """
+import sys
+
+import torch
+import torchvision.datasets.cifar
+
+torchvision.datasets.cifar.check_integrity = lambda *args, **kw: True  # the test's files stand in for the release
+torch.set_default_dtype(torch.float64)  # in fp32, sign-PGD turns rounding into whole steps at a few pixels
+import arat
+
+train = arat.Run.train
+
+
+def train_and_keep(self):  # every rank's weights after training
+    train(self)
+    torch.save(self.model.state_dict(), self.out / f"rank{self.rank}.pt")
+
+
+arat.Run.train = train_and_keep
+arat.main(arat.parse_args(sys.argv[1:]))
+"""
+
+
+def test_torchrun_two_processes_resumed_mid_epoch_train_as_one_process_does(cifar, tmp_path):
+    launch = tmp_path / "launch.py"
+    launch.write_text(LAUNCH)
+    flags = [*FAST.split(), "--dataset", "cifar10", "--data-dir", str(cifar), "--no-download", "--eval-steps", "1"]
+    flags += ["--batch-size", "16", "--attack-steps", "1", "--epochs", "2"]  # 2 global batches of 16 per epoch
+    env = os.environ | {"PYTHONPATH": os.path.dirname(arat.__file__)}
+
+    def run(out, processes, *more):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = [*(torchrun if processes > 1 else [sys.executable]), str(launch), *flags, "--out", str(out), *more]
+        threads = {"OMP_NUM_THREADS": str(max(1, min(2, os.cpu_count() or 1) // processes))}  # one core per process
+        done = subprocess.run(command, env=env | threads, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, 1, "--max-steps", "3")  # into epoch 2: its auto-balance, evaluation and checkpoint included
+    assert run(two, 2, "--max-steps", "1").count("arat.py: rank") == 2  # each rank finished; stopped inside epoch 1
+    assert run(two, 2, "--max-steps", "3", "--resume").count("arat.py: rank") == 2
+    assert {p.name for p in two.iterdir()} == {"log.jsonl", "last.pt", "metrics.json", "rank0.pt", "rank1.pt"}
+    rank0, rank1, single = (torch.load(path) for path in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
+    assert same_tensors(rank0, rank1)  # DDP keeps the processes' weights identical
+    assert all(torch.allclose(rank0[k].double(), single[k].double(), rtol=1e-7, atol=1e-9) for k in single)
+    assert [r["step"] for r in read_log(two)] == [1, 2, 3] and read_log(two)[-1]["clean_acc"] == read_log(one)[-1][
+        "clean_acc"
+    ]
