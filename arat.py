@@ -285,7 +285,7 @@ def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True, shar
 
     Never modifies x (the released code added its random start to the caller's batch in place). Without a random
     start the first gradient is taken at x itself, even if x lies outside [0, 1]. Gradients are taken with respect to
-    delta only, the weights frozen meanwhile: no weight gradient is computed, and nothing accumulates in .grad.
+    delta only, the weights frozen meanwhile.
     With shard = (rank, world) the random start of the whole global batch is drawn and this process's rows kept, so
     that N processes under torchrun attack exactly as one process would.
     """
@@ -301,10 +301,7 @@ def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True, shar
     # Under fp16 autocast the backward pass through confident logits underflows to exact zeros; scaling the loss
     # keeps the direction (sign / normalised gradient are scale-free), as GradScaler does for weight gradients.
     fp16 = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    with frozen_weights(model):
         for _ in range(steps):
             delta.requires_grad_(True)
             loss = F.cross_entropy(model(x + delta), y, reduction="sum")
@@ -315,10 +312,21 @@ def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True, shar
                 delta = delta.detach() + step_size * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
                 delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(view)
             delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+@contextlib.contextmanager
+def frozen_weights(model):
+    """Attack steps need the input's gradient only: with the weights frozen, no weight gradient is computed (eager
+    autograd skips them already; a torch.compile'd graph would compute them all) and nothing lands in .grad."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield model
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return (x + delta).detach()
 
 
 def arat_attack(model, head, x, y, cfg, shard=(0, 1)):

@@ -61,9 +61,9 @@ def trades_attack(model, extra, x, y, cfg, shard=(0, 1), loss="kl"):
     the attack, so the examples are the same, at 27 forward-pass equivalents per TRADES step instead of 39. Under
     torchrun the start of the whole global batch is drawn and this process's rows kept, as in arat.pgd."""
     (rank, world), start = shard, torch.empty((len(x) * shard[1], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    with arat.train_mode(model, False):
+    with arat.train_mode(model, False), arat.frozen_weights(model):
         with torch.no_grad():
-            p = F.softmax(model(x), dim=1)
+            p = F.softmax(model(x), dim=1) if loss == "kl" else None
         x_adv = x + 0.001 * start.normal_()[rank::world]
         for _ in range(cfg.attack_steps):
             x_adv.requires_grad_(True)
