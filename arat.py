@@ -1143,16 +1143,7 @@ class Run:
         log.open("a").write(json.dumps(rec) + "\n")
         for k, v in rec.items() if writer else ():
             writer.add_scalar(k, v, rec["epoch"]) if isinstance(v, (int, float)) else None
-        keys = (
-            "lr",
-            "alpha",
-            "loss",
-            "acc_adv",
-            "clean_acc",
-            "clean_acc_aux",
-            f"pgd{cfg.eval_steps}_acc",
-            "val_pgd_acc",
-        )
+        keys = [*"lr alpha loss acc_adv clean_acc clean_acc_aux".split(), f"pgd{cfg.eval_steps}_acc", "val_pgd_acc"]
         shown = " ".join(f"{k} {rec[k]:.4g}" for k in keys if rec.get(k) is not None)
         print(f"epoch {rec['epoch']}/{cfg.epochs} {shown} ({time.time() - t0:.0f} s)", flush=True)
 
@@ -1235,9 +1226,8 @@ class Run:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"benchmark: {where}, amp={cfg.amp}, arch={cfg.arch}, batch={cfg.batch_size}, steps={cfg.benchmark}")
         img_s = cfg.batch_size / step_s
-        print(
-            f"benchmark: method={self.label} step_s={step_s:.4f} img_s={img_s:.1f} peak_mem_mb={peak:.0f}", flush=True
-        )
+        line = f"benchmark: method={self.label} step_s={step_s:.4f} img_s={img_s:.1f} peak_mem_mb={peak:.0f}"
+        print(line, flush=True)
         return {"step_s": step_s, "img_s": img_s, "peak_mem_mb": peak, "times": times}
 
 
