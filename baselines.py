@@ -60,7 +60,8 @@ def trades_attack(model, extra, x, y, cfg, shard=(0, 1), loss="kl"):
     p(x) is computed once per batch, not at every step as the official code does: the model does not change during
     the attack, so the examples are the same, at 27 forward-pass equivalents per TRADES step instead of 39. Under
     torchrun the start of the whole global batch is drawn and this process's rows kept, as in arat.pgd."""
-    (rank, world), start = shard, torch.empty((len(x) * shard[1], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    rank, world = shard
+    start = torch.empty((len(x) * world, *x.shape[1:]), dtype=x.dtype, device=x.device)
     with arat.train_mode(model, False), arat.frozen_weights(model):
         with torch.no_grad():
             p = F.softmax(model(x), dim=1) if loss == "kl" else None
@@ -68,9 +69,10 @@ def trades_attack(model, extra, x, y, cfg, shard=(0, 1), loss="kl"):
         for _ in range(cfg.attack_steps):
             x_adv.requires_grad_(True)
             logits = model(x_adv)
-            objective = (
-                F.cross_entropy(logits, y) if loss == "ce" else F.kl_div(logits.log_softmax(1), p, reduction="sum")
-            )
+            if loss == "kl":
+                objective = F.kl_div(logits.log_softmax(1), p, reduction="sum")
+            else:
+                objective = F.cross_entropy(logits, y)
             (grad,) = torch.autograd.grad(objective, x_adv)
             x_adv = x_adv.detach() + cfg.step_size * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - cfg.eps), x + cfg.eps).clamp(0, 1)
@@ -147,12 +149,12 @@ def asym_trades_loss(model, extra, x, x_adv, y, cfg, alpha, beta):
         logits = model(x)
     ce_adv, ce = F.cross_entropy(logits_adv, y), F.cross_entropy(logits, y)
     reg, cls = kl(logits.detach(), logits_adv), alpha * ce_adv + beta * ce
-    terms = {"ce_adv": ce_adv, "ce_clean": ce, "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
-    return cls + cfg.asym_lambda * reg, terms | {
+    terms = {"ce_adv": ce_adv, "ce_clean": ce, "cls": cls, "inv": reg}
+    terms |= {
+        "acc_adv": (logits_adv.argmax(1) == y).float().mean(),
         "acc_clean": (logits.argmax(1) == y).float().mean(),
-        "cls": cls,
-        "inv": reg,
     }
+    return cls + cfg.asym_lambda * reg, terms
 
 
 def nothing(model, cfg):
