@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import resource
 import statistics
@@ -885,12 +884,13 @@ def read_checkpoint(path):
 
 
 def rng(device, states=None):
-    """The RNG states (torch, Python, this CUDA device); given states, restores them instead."""
+    """The RNG states (torch, this CUDA device); given states, restores them instead."""
     if states is None:
-        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
     torch.set_rng_state(states["torch"].cpu())
-    random.setstate(states["python"])
     if states["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
@@ -959,7 +959,6 @@ class Run:
         self.cfg, self.method, self.label, self.out = cfg, method, label, Path(cfg.out)
         self.rank, self.world, self.device = _distributed(cfg)
         torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
         if not (cfg.eval_only or cfg.benchmark) and cfg.resume != (self.out / "last.pt").exists():
             if cfg.resume:
                 raise ConfigError(f"--resume: there is no checkpoint at {self.out / 'last.pt'}")
@@ -976,8 +975,9 @@ class Run:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=dtype, enabled=dtype is not None)
         self.model = build_model(cfg.arch, self.classes, cfg.split_bn).to(self.device)
-        self.swa = self.best = self.record = None
+        self.swa = self.best = self.writer = None
         self.epoch = self.step = self.batch = 0  # finished epochs, optimiser steps, batches done in the epoch
+        self.history = []  # the per-epoch records: log.jsonl
         if cfg.eval_only:
             state, saved = read_checkpoint(cfg.checkpoint)
             if saved["num_classes"] != self.classes:
@@ -1009,17 +1009,16 @@ class Run:
             self.load(self.out / "last.pt")
 
     def parts(self):
-        return {name: getattr(self, name) for name in ("model", "extra", "optimizer", "scheduler", "scaler")}
+        names = ("model", "extra", "optimizer", "scheduler", "scaler") + (("swa",) if self.swa else ())
+        return {name: getattr(self, name) for name in names}
 
-    def state(self, model):
+    def state(self, net, **more):
         """A checkpoint --eval-only can rebuild the model from: its weights, the config and the number of classes."""
-        return {"model": model.state_dict(), "config": dataclasses.asdict(self.cfg), "num_classes": self.classes}
-
-    def save_swa(self):  # the running average (for --resume), or the evaluated one with its BN statistics
-        save_checkpoint(self.state(self.swa.module) | {"n_averaged": self.swa.n_averaged.item()}, self.out / "swa.pt")
+        return {"model": net.state_dict(), "config": dataclasses.asdict(self.cfg), "num_classes": self.classes} | more
 
     def load(self, path):
-        """--resume: every part, the RNGs, the position in training (inside an epoch after --max-steps) and SWA."""
+        """--resume: every part (the SWA average too), the RNGs, and the position in training (inside an epoch after
+        --max-steps)."""
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
         for k, v in ckpt["config"].items():
             if k not in RESUMABLE and getattr(self.cfg, k, v) != v:
@@ -1028,12 +1027,9 @@ class Run:
         for name, part in self.parts().items():
             part.load_state_dict(ckpt[name])
         rng(self.device, ckpt["rng"])
-        names = ("epoch", "step", "batch", "record", "best")
-        self.epoch, self.step, self.batch, self.record, self.best = (ckpt[k] for k in names)
-        if self.swa is not None and (self.out / "swa.pt").exists():
-            swa = torch.load(self.out / "swa.pt", map_location=self.device, weights_only=False)
-            self.swa.module.load_state_dict(swa["model"])
-            self.swa.n_averaged.fill_(swa["n_averaged"])
+        self.epoch, self.step, self.batch, self.history, self.best = (ckpt[k] for k in Run.POSITION)
+
+    POSITION = ("epoch", "step", "batch", "history", "best")
 
     def train_step(self, x, y, alpha, beta, grad_sim=False):
         """One step of the method: its attack, its loss, one backward, one SGD step; returns the loss terms."""
@@ -1051,10 +1047,8 @@ class Run:
     def train_epoch(self, seed, alpha, beta, start):
         """Steps from batch self.batch of epoch self.epoch to its end or to --max-steps; returns the mean terms."""
         cfg = self.cfg
-        self.model.train()
-        self.extra.train()
-        shard = (self.rank, self.world)
-        batches = index_batches(self.train_idx, cfg.batch_size, seed, not cfg.official_quirks, shard)
+        self.trainee.train()
+        batches = index_batches(self.train_idx, cfg.batch_size, seed, not cfg.official_quirks, (self.rank, self.world))
         stream = self.train_set.batches(batches, seed)
         if self.batch:  # resuming inside the epoch: skip what was trained, then go on with the checkpoint's RNG
             states = rng(self.device)
@@ -1062,21 +1056,21 @@ class Run:
                 pass
             rng(self.device, states)
         sums, counts, total = {}, {}, min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
-        aux = [m.aux for m in self.model.modules() if isinstance(m, SplitBatchNorm2d)] if cfg.bn_stats else []
-        main = [m for m in self.model.modules() if type(m) is nn.BatchNorm2d and all(m is not a for a in aux)]
-        bn_sets = {k: bns for k, bns in (("main", main), ("aux", aux)) if bns and cfg.bn_stats}
+        running = [(k, b) for k, b in self.model.named_buffers() if k.endswith("running_mean")] if cfg.bn_stats else []
+        bn_sets = {s: bs for s in ("main", "aux") if (bs := [b for k, b in running if (".aux." in k) == (s == "aux")])}
         for x, y in stream:
             terms = self.train_step(x, y, alpha, beta, cfg.grad_sim_every and self.step % cfg.grad_sim_every == 0)
             self.step, self.batch = self.step + 1, self.batch + 1
             if self.swa is not None and self.epoch + 1 >= cfg.swa_start and self.step % cfg.swa_every == 0:
                 self.swa.update_parameters(self.model)
             for k, bns in bn_sets.items():  # Fig. 14: how far each running mean moves over the epoch
-                terms |= {f"bn_{k}": (mean := torch.cat([m.running_mean for m in bns])), f"bn_{k}_sq": mean.square()}
+                terms |= {f"bn_{k}": (mean := torch.cat(bns)), f"bn_{k}_sq": mean.square()}
             for k, v in terms.items():  # summed on the device: the host syncs only at log points
                 sums[k], counts[k] = sums.get(k, 0) + v.detach().double(), counts.get(k, 0) + 1
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total):
-                means = {k: (sums[k] / counts[k]).item() for k in ("loss", "ce_adv", "inv") if k in sums}
-                shown = " ".join(f"{k} {v:.3f}" for k, v in means.items())
+                shown = " ".join(
+                    f"{k} {(sums[k] / counts[k]).item():.3f}" for k in ("loss", "ce_adv", "inv") if k in sums
+                )
                 where = f"epoch {self.epoch + 1} step {self.batch}/{len(batches)}"
                 print(f"{where} | {shown} | {eta(start[0], self.step - start[1], total - self.step)}", flush=True)
             if self.step == cfg.max_steps:
@@ -1091,23 +1085,21 @@ class Run:
 
     def train(self):
         """The epochs: auto-balance (Eq. 8), method steps, evaluation, checkpoints, logs; resumable at any point."""
-        cfg, log, start, writer = self.cfg, self.out / "log.jsonl", (time.time(), self.step), None
+        cfg, start = self.cfg, (time.time(), self.step)
         if self.rank == 0:  # under torchrun, rank 0 alone writes, prints and evaluates
             self.out.mkdir(parents=True, exist_ok=True)
-            logged = [json.loads(line)["step"] for line in log.open()] if log.exists() else []
-            if self.record and self.record["step"] not in logged:  # it stopped between a checkpoint and its log line
-                log.open("a").write(json.dumps(self.record) + "\n")
             print(json.dumps(dataclasses.asdict(cfg)), flush=True)
-            try:  # optional: nothing else needs TensorBoard
-                writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter if cfg.tensorboard else None
-            except ImportError:
-                raise ConfigError("--tensorboard: TensorBoard is not installed; pip install tensorboard") from None
-            writer = writer and writer(self.out / "tb")
+            if cfg.tensorboard:
+                try:  # optional: nothing else needs TensorBoard
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ConfigError("--tensorboard: TensorBoard is not installed; pip install tensorboard") from None
+                self.writer = SummaryWriter(self.out / "tb")
         while self.epoch < cfg.epochs and self.step < (cfg.max_steps or math.inf):
             step, t0 = self.step, time.time()
             seed = (cfg.seed * 1_000_003 + self.epoch) * 2  # the epoch's order and augmentation, whenever it runs
             if self.batch:  # resuming inside an epoch: the alpha and beta measured at its start
-                acc, alpha, beta = (self.record[k] for k in ("balance_acc", "alpha", "beta"))
+                acc, alpha, beta = (self.history[-1][k] for k in ("balance_acc", "alpha", "beta"))
             else:  # Eq. 8 with Acc of the model before this epoch (epoch 1 starts near chance, so beta ~ 1 at first)
                 n = math.ceil(cfg.balance_n / cfg.batch_size)  # whole shuffled batches, as released (8 x 128 = 1,024)
                 first = torch.cat(index_batches(self.train_idx, cfg.batch_size, seed + 1)[:n])
@@ -1115,15 +1107,13 @@ class Run:
                     acc = evaluate(self.model, self.train_set, first, cfg, "aux", attack=False, seed=seed + 1)["clean"]
                 alpha, beta = auto_balance(acc / 100) if cfg.auto_balance else (cfg.alpha, cfg.beta)
             rec = dict(epoch=self.epoch + 1, lr=self.optimizer.param_groups[0]["lr"], alpha=alpha, beta=beta)
-            rec["balance_acc"] = acc
-            rec |= self.train_epoch(seed, alpha, beta, start)
+            rec |= dict(balance_acc=acc) | self.train_epoch(seed, alpha, beta, start)
             rec |= dict(step=self.step, images_per_s=(self.step - step) * cfg.batch_size / (time.time() - t0))
-            rec |= {"batches": self.batch} if self.batch else {}  # cut short by --max-steps: --resume continues it
+            self.history.append(rec | ({"batches": self.batch} if self.batch else {}))  # cut short: --resume goes on
             if self.rank == 0:
-                self.end_epoch(rec, log, writer, t0)
-            self.record = rec
+                self.end_epoch(self.history[-1], t0)
 
-    def end_epoch(self, rec, log, writer, t0):
+    def end_epoch(self, rec, t0):
         """Per-epoch test figures (under autocast) and the held-out PGD accuracy that selects best.pt (--val-n); then
         the checkpoint first, since on resume it decides where training continues, and the log, which only reports."""
         cfg, final = self.cfg, self.epoch == self.cfg.epochs or self.step == self.cfg.max_steps
@@ -1134,15 +1124,14 @@ class Run:
                 rec["val_pgd_acc"] = evaluate(self.model, self.train_set, self.val_idx, cfg)["robust"]
         if "val_pgd_acc" in rec and (self.best is None or rec["val_pgd_acc"] > self.best["val_pgd_acc"]):
             self.best = {"epoch": rec["epoch"], "val_pgd_acc": rec["val_pgd_acc"]}
-            save_checkpoint(self.state(self.model) | {"best": self.best}, self.out / "best.pt")
+            save_checkpoint(self.state(self.model, best=self.best), self.out / "best.pt")
         state = {k: part.state_dict() for k, part in self.parts().items()} | {"rng": rng(self.device)}
-        state |= dict(epoch=self.epoch, step=self.step, batch=self.batch, record=rec, best=self.best)
-        save_checkpoint(self.state(self.model) | state, self.out / "last.pt")
-        if self.swa is not None:  # the running average, for --resume (`report` estimates its BN statistics)
-            self.save_swa()
-        log.open("a").write(json.dumps(rec) + "\n")
-        for k, v in rec.items() if writer else ():
-            writer.add_scalar(k, v, rec["epoch"]) if isinstance(v, (int, float)) else None
+        save_checkpoint(
+            self.state(self.model, **state, **{k: getattr(self, k) for k in Run.POSITION}), self.out / "last.pt"
+        )
+        (self.out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        for k, v in rec.items() if self.writer else ():
+            self.writer.add_scalar(k, v, rec["epoch"]) if isinstance(v, (int, float)) else None
         keys = [*"lr alpha loss acc_adv clean_acc clean_acc_aux".split(), f"pgd{cfg.eval_steps}_acc", "val_pgd_acc"]
         shown = " ".join(f"{k} {rec[k]:.4g}" for k in keys if rec.get(k) is not None)
         print(f"epoch {rec['epoch']}/{cfg.epochs} {shown} ({time.time() - t0:.0f} s)", flush=True)
@@ -1151,10 +1140,13 @@ class Run:
         """Test figures of one model: clean accuracy through both BN sets; with `pgd`, PGD accuracy and the feature
         similarity (Table 5); when `final`, PGD through the auxiliary BNs too (Table 8), and AutoAttack (--aa-n)."""
         cfg, key, label = self.cfg, f"pgd{self.cfg.eval_steps}_acc", pgd and f"PGD-{self.cfg.eval_steps} evaluation"
-        test = (self.test_set, self.test_idx)
-        r = evaluate(model, *test, cfg, attack=pgd, label=label)
+        r = evaluate(model, self.test_set, self.test_idx, cfg, attack=pgd, label=label)
         m = {"clean_acc": r["clean"]} | ({key: r["robust"], "feature_cos_sim": r["cos"]} if pgd else {})
-        aux = evaluate(model, *test, cfg, "aux", final, label=final and label) if cfg.split_bn else {}
+        aux = (
+            evaluate(model, self.test_set, self.test_idx, cfg, "aux", final, label=final and label)
+            if cfg.split_bn
+            else {}
+        )
         m |= {"clean_acc_aux": aux.get("clean")} | ({f"{key}_aux": aux.get("robust")} if final else {})
         if final and cfg.aa_n:
             idx = eval_indices(cfg, self.test_set, cfg.aa_n)
@@ -1178,7 +1170,7 @@ class Run:
         if self.swa is not None and self.swa.n_averaged > 0:
             print(f"SWA: {self.swa.n_averaged.item()} snapshots averaged; estimating their BN statistics", flush=True)
             models["swa_"] = reestimate_bn(self.swa.module, self.train_set, self.train_idx, cfg, self.autocast)
-            self.save_swa()
+            save_checkpoint(self.state(models["swa_"], n_averaged=self.swa.n_averaged.item()), self.out / "swa.pt")
         if self.best is not None:
             models["best_"] = build_model(cfg.arch, self.classes, cfg.split_bn).to(self.device)
             models["best_"].load_state_dict(torch.load(self.out / "best.pt", map_location=self.device)["model"])
@@ -1189,14 +1181,13 @@ class Run:
             aa = f"  AutoAttack {m['aa_acc']:.2f}% on {m['n_aa']}" if cfg.aa_n else ""
             name = {"": "final", "swa_": "SWA", "best_": f"best (epoch {self.best and self.best['epoch']})"}[prefix]
             print(f"{name}: clean {m['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {m[key]:.2f}%{aa}", flush=True)
+        for k in ("grad_sim", "conflict_frac"):  # the run's mean: Table 17's column, Fig. 2b
+            if values := [r[k] for r in self.history if k in r]:
+                metrics[k] = sum(values) / len(values)
         if not cfg.eval_only:
-            log = [json.loads(line) for line in (self.out / "log.jsonl").open()]
-            for k in ("grad_sim", "conflict_frac"):  # the run's mean: Table 17's column, Fig. 2b
-                if values := [r[k] for r in log if k in r]:
-                    metrics[k] = statistics.fmean(values)
-            metrics |= {"epochs": self.record["epoch"], "steps": self.step, "method": self.label}
-            if self.best:
-                metrics |= {"best_epoch": self.best["epoch"], "best_val_pgd_acc": self.best["val_pgd_acc"]}
+            metrics |= {"epochs": self.history[-1]["epoch"], "steps": self.step, "method": self.label}
+        if self.best:
+            metrics |= {"best_epoch": self.best["epoch"], "best_val_pgd_acc": self.best["val_pgd_acc"]}
         metrics |= {"norm": cfg.norm, "eval_eps": cfg.eval_eps, "eval_step_size": cfg.eval_step_size}
         metrics["config"] = dataclasses.asdict(cfg)
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -1226,8 +1217,9 @@ class Run:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"benchmark: {where}, amp={cfg.amp}, arch={cfg.arch}, batch={cfg.batch_size}, steps={cfg.benchmark}")
         img_s = cfg.batch_size / step_s
-        line = f"benchmark: method={self.label} step_s={step_s:.4f} img_s={img_s:.1f} peak_mem_mb={peak:.0f}"
-        print(line, flush=True)
+        print(
+            f"benchmark: method={self.label} step_s={step_s:.4f} img_s={img_s:.1f} peak_mem_mb={peak:.0f}", flush=True
+        )
         return {"step_s": step_s, "img_s": img_s, "peak_mem_mb": peak, "times": times}
 
 

@@ -908,13 +908,14 @@ def test_swa_resumes_with_the_run(tiny, tmp_path, monkeypatch):
 
     def save_then_stop(state, path):
         save(state, path)
-        if path.name == "swa.pt":  # saved right after last.pt: the run dies once both hold epoch 1
+        if path.name == "last.pt":  # the run dies once last.pt, SWA average included, holds epoch 1
             raise KeyboardInterrupt
 
     monkeypatch.setattr(arat, "save_checkpoint", save_then_stop)
     with pytest.raises(SystemExit):
         arat.main(cli(tiny, tmp_path / "resumed", *flags))
     monkeypatch.setattr(arat, "save_checkpoint", save)
+    assert not (tmp_path / "resumed" / "swa.pt").exists()
     arat.main(cli(tiny, tmp_path / "resumed", *flags, "--resume"))
     a, b = (torch.load(tmp_path / run / "swa.pt", weights_only=False) for run in ("straight", "resumed"))
     assert a["n_averaged"] == b["n_averaged"] == 3 and same_tensors(a["model"], b["model"])
