@@ -791,40 +791,39 @@ def evaluate(model, data, indices, cfg: Config, branch="main", attack=True, seed
 
 
 def autoattack(model, data, indices, cfg: Config):
-    """Standard AutoAttack (Croce & Hein, 2020), eval mode, main BNs, fp32: the original package (`autoattack`, from
-    its repository) when installed, else its PyPI repackaging `pyautoattack`, whose API is keyword-only. Returns the
-    record metrics.json keeps, with the robust accuracy after each of the four attacks (APGD-CE, APGD-T, FAB-T,
-    Square): a large drop after APGD-CE alone is the classic sign of gradient masking."""
+    """Standard AutoAttack (Croce & Hein, 2020), eval mode, main BNs, fp32: the original package (`autoattack`) if
+    installed, else its PyPI repackaging `pyautoattack` (keyword-only API). The record keeps the robust accuracy after
+    each of the four attacks: a large drop after APGD-CE alone is the classic sign of gradient masking."""
     try:
         import autoattack as package
     except ImportError:
         import pyautoattack as package
     x, y = (torch.cat(t) for t in zip(*data.batches(index_batches(indices, cfg.batch_size))))
-    lines, log, handler = [], logging.getLogger("auto-attack"), logging.Handler()  # pyautoattack logs each attack
-    handler.emit = lambda record: (lines.append(record.getMessage()), print(lines[-1], flush=True))
-    settings = {"norm": {"linf": "Linf", "l2": "L2"}[cfg.norm], "eps": cfg.eval_eps}
-    settings |= {"seed": cfg.seed, "version": "standard"}
-    level, log_path = log.level, Path(cfg.out) / "autoattack.log"
-    log.addHandler(handler)
+    settings = {"norm": cfg.norm.capitalize(), "eps": cfg.eval_eps, "seed": cfg.seed, "version": "standard"}
+    log, path = logging.getLogger("auto-attack"), Path(cfg.out) / "autoattack.log"  # pyautoattack logs here
+    handlers, level = [logging.FileHandler(path, "w"), logging.StreamHandler(sys.stdout)], log.level
+    for handler in handlers:
+        log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     try:
         with train_mode(model, False):
-            if package.__name__ == "autoattack":  # it prints its progress, and writes the same lines to log_path
-                adversary = package.AutoAttack(model, device=x.device, log_path=log_path, **settings)
+            if package.__name__ == "autoattack":  # it prints its progress and appends the same lines to log_path
+                adversary = package.AutoAttack(model, device=x.device, log_path=path, **settings)
                 x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size, return_labels=True)
-                lines += log_path.read_text().splitlines() if log_path.exists() else []
             else:
                 adversary = package.AutoAttack(model, device=x.device, **settings)
                 x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=cfg.batch_size)
     finally:
-        log.removeHandler(handler)
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
         log.setLevel(level)
     _check_ball(x_adv, x, cfg.eval_eps, cfg.norm, "AutoAttack")
     try:
         version = importlib.metadata.version(package.__name__)
     except importlib.metadata.PackageNotFoundError:
         version = getattr(package, "__version__", "unknown")
-    after = re.findall(r"robust accuracy after ([\w-]+): ([\d.]+)%", "\n".join(lines))
+    after = re.findall(r"robust accuracy after ([\w-]+): ([\d.]+)%", path.read_text())
     acc = 100 * (y_adv.to(y.device) == y).float().mean().item()
     record = {"acc": acc, "n": len(y), "after": {a.lower(): float(v) for a, v in after}}
     return record | settings | {"package": package.__name__, "package_version": version}
