@@ -954,6 +954,8 @@ class Run:
     """One run of a method (AR-AT, or one of baselines.py's) from a resolved Config: `train`, then `report`. With
     --eval-only it holds the checkpoint's model alone."""
 
+    POSITION = ("epoch", "step", "batch", "history", "best")  # where training is: last.pt holds it with every part
+
     def __init__(self, cfg: Config, method: Method = ARAT, label="v3"):
         self.cfg, self.method, self.label, self.out = cfg, method, label, Path(cfg.out)
         self.rank, self.world, self.device = _distributed(cfg)
@@ -1027,8 +1029,6 @@ class Run:
             part.load_state_dict(ckpt[name])
         rng(self.device, ckpt["rng"])
         self.epoch, self.step, self.batch, self.history, self.best = (ckpt[k] for k in Run.POSITION)
-
-    POSITION = ("epoch", "step", "batch", "history", "best")
 
     def train_step(self, x, y, alpha, beta, grad_sim=False):
         """One step of the method: its attack, its loss, one backward, one SGD step; returns the loss terms."""
@@ -1124,10 +1124,8 @@ class Run:
         if "val_pgd_acc" in rec and (self.best is None or rec["val_pgd_acc"] > self.best["val_pgd_acc"]):
             self.best = {"epoch": rec["epoch"], "val_pgd_acc": rec["val_pgd_acc"]}
             save_checkpoint(self.state(self.model, best=self.best), self.out / "best.pt")
-        state = {k: part.state_dict() for k, part in self.parts().items()} | {"rng": rng(self.device)}
-        save_checkpoint(
-            self.state(self.model, **state, **{k: getattr(self, k) for k in Run.POSITION}), self.out / "last.pt"
-        )
+        state = {k: part.state_dict() for k, part in self.parts().items()} | {k: getattr(self, k) for k in Run.POSITION}
+        save_checkpoint(self.state(self.model, **state, rng=rng(self.device)), self.out / "last.pt")
         (self.out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
         for k, v in rec.items() if self.writer else ():
             self.writer.add_scalar(k, v, rec["epoch"]) if isinstance(v, (int, float)) else None
