@@ -1170,7 +1170,7 @@ class Run:
             save_checkpoint(self.state(models["swa_"], n_averaged=self.swa.n_averaged.item()), self.out / "swa.pt")
         if self.best is not None:
             models["best_"] = build_model(cfg.arch, self.classes, cfg.split_bn).to(self.device)
-            models["best_"].load_state_dict(torch.load(self.out / "best.pt", map_location=self.device)["model"])
+            models["best_"].load_state_dict(read_checkpoint(self.out / "best.pt")[0])
         metrics = {"n_eval": len(self.test_idx)}
         for prefix, model in models.items():
             m = self.measure(model, final=True)
