@@ -801,6 +801,7 @@ def autoattack(model, data, indices, cfg: Config):
     x, y = (torch.cat(t) for t in zip(*data.batches(index_batches(indices, cfg.batch_size))))
     settings = {"norm": cfg.norm.capitalize(), "eps": cfg.eval_eps, "seed": cfg.seed, "version": "standard"}
     log, path = logging.getLogger("auto-attack"), Path(cfg.out) / "autoattack.log"  # pyautoattack logs here
+    path.parent.mkdir(parents=True, exist_ok=True)
     handlers, level = [logging.FileHandler(path, "w"), logging.StreamHandler(sys.stdout)], log.level
     for handler in handlers:
         log.addHandler(handler)
