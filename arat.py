@@ -886,10 +886,8 @@ def read_checkpoint(path):
 def rng(device, states=None):
     """The RNG states (torch, this CUDA device); given states, restores them instead."""
     if states is None:
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
     torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
@@ -1056,21 +1054,21 @@ class Run:
                 pass
             rng(self.device, states)
         sums, counts, total = {}, {}, min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
-        running = [(k, b) for k, b in self.model.named_buffers() if k.endswith("running_mean")] if cfg.bn_stats else []
-        bn_sets = {s: bs for s in ("main", "aux") if (bs := [b for k, b in running if (".aux." in k) == (s == "aux")])}
+        aux = [m.aux for m in self.model.modules() if isinstance(m, SplitBatchNorm2d)] if cfg.bn_stats else []
+        main = [m for m in self.model.modules() if type(m) is nn.BatchNorm2d and all(m is not a for a in aux)]
+        bn_sets = {k: bns for k, bns in (("main", main), ("aux", aux)) if bns and cfg.bn_stats}
         for x, y in stream:
             terms = self.train_step(x, y, alpha, beta, cfg.grad_sim_every and self.step % cfg.grad_sim_every == 0)
             self.step, self.batch = self.step + 1, self.batch + 1
             if self.swa is not None and self.epoch + 1 >= cfg.swa_start and self.step % cfg.swa_every == 0:
                 self.swa.update_parameters(self.model)
             for k, bns in bn_sets.items():  # Fig. 14: how far each running mean moves over the epoch
-                terms |= {f"bn_{k}": (mean := torch.cat(bns)), f"bn_{k}_sq": mean.square()}
+                terms |= {f"bn_{k}": (mean := torch.cat([m.running_mean for m in bns])), f"bn_{k}_sq": mean.square()}
             for k, v in terms.items():  # summed on the device: the host syncs only at log points
                 sums[k], counts[k] = sums.get(k, 0) + v.detach().double(), counts.get(k, 0) + 1
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total):
-                shown = " ".join(
-                    f"{k} {(sums[k] / counts[k]).item():.3f}" for k in ("loss", "ce_adv", "inv") if k in sums
-                )
+                means = {k: (sums[k] / counts[k]).item() for k in ("loss", "ce_adv", "inv") if k in sums}
+                shown = " ".join(f"{k} {v:.3f}" for k, v in means.items())
                 where = f"epoch {self.epoch + 1} step {self.batch}/{len(batches)}"
                 print(f"{where} | {shown} | {eta(start[0], self.step - start[1], total - self.step)}", flush=True)
             if self.step == cfg.max_steps:
@@ -1114,8 +1112,9 @@ class Run:
                 self.end_epoch(self.history[-1], t0)
 
     def end_epoch(self, rec, t0):
-        """Per-epoch test figures (under autocast) and the held-out PGD accuracy that selects best.pt (--val-n); then
-        the checkpoint first, since on resume it decides where training continues, and the log, which only reports."""
+        """Adds to the epoch's record its test figures (under autocast) and the held-out PGD accuracy that selects
+        best.pt (--val-n); then writes the checkpoint first, since on resume it decides where training continues, and
+        the log, which only reports."""
         cfg, final = self.cfg, self.epoch == self.cfg.epochs or self.step == self.cfg.max_steps
         with_pgd = rec["epoch"] % cfg.eval_every == 0 and not final  # `report` evaluates the final model in fp32
         with self.autocast():
@@ -1138,13 +1137,10 @@ class Run:
         """Test figures of one model: clean accuracy through both BN sets; with `pgd`, PGD accuracy and the feature
         similarity (Table 5); when `final`, PGD through the auxiliary BNs too (Table 8), and AutoAttack (--aa-n)."""
         cfg, key, label = self.cfg, f"pgd{self.cfg.eval_steps}_acc", pgd and f"PGD-{self.cfg.eval_steps} evaluation"
-        r = evaluate(model, self.test_set, self.test_idx, cfg, attack=pgd, label=label)
+        test = (self.test_set, self.test_idx)
+        r = evaluate(model, *test, cfg, attack=pgd, label=label)
         m = {"clean_acc": r["clean"]} | ({key: r["robust"], "feature_cos_sim": r["cos"]} if pgd else {})
-        aux = (
-            evaluate(model, self.test_set, self.test_idx, cfg, "aux", final, label=final and label)
-            if cfg.split_bn
-            else {}
-        )
+        aux = evaluate(model, *test, cfg, "aux", final, label=final and label) if cfg.split_bn else {}
         m |= {"clean_acc_aux": aux.get("clean")} | ({f"{key}_aux": aux.get("robust")} if final else {})
         if final and cfg.aa_n:
             idx = eval_indices(cfg, self.test_set, cfg.aa_n)
@@ -1181,7 +1177,7 @@ class Run:
             print(f"{name}: clean {m['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {m[key]:.2f}%{aa}", flush=True)
         for k in ("grad_sim", "conflict_frac"):  # the run's mean: Table 17's column, Fig. 2b
             if values := [r[k] for r in self.history if k in r]:
-                metrics[k] = sum(values) / len(values)
+                metrics[k] = statistics.fmean(values)
         if not cfg.eval_only:
             metrics |= {"epochs": self.history[-1]["epoch"], "steps": self.step, "method": self.label}
         if self.best:
@@ -1215,9 +1211,8 @@ class Run:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"benchmark: {where}, amp={cfg.amp}, arch={cfg.arch}, batch={cfg.batch_size}, steps={cfg.benchmark}")
         img_s = cfg.batch_size / step_s
-        print(
-            f"benchmark: method={self.label} step_s={step_s:.4f} img_s={img_s:.1f} peak_mem_mb={peak:.0f}", flush=True
-        )
+        line = f"benchmark: method={self.label} step_s={step_s:.4f} img_s={img_s:.1f} peak_mem_mb={peak:.0f}"
+        print(line, flush=True)
         return {"step_s": step_s, "img_s": img_s, "peak_mem_mb": peak, "times": times}
 
 
