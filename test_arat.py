@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -1199,3 +1200,307 @@ def test_torchrun_two_processes_resumed_mid_epoch_train_as_one_process_does(cifa
     assert [r["step"] for r in read_log(two)] == [1, 2, 3] and read_log(two)[-1]["clean_acc"] == read_log(one)[-1][
         "clean_acc"
     ]
+
+
+# ------------------------------------------------------------------------------------------------ CUDA, README's code
+
+with warnings.catch_warnings():  # the layout has no pytest config file to register the marker; `-m cuda` selects by
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)  # name all the same
+    CUDA_GROUP = pytest.mark.cuda
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA group: torch.cuda.is_available() is False")
+
+
+def on_cuda(test):
+    """The CUDA group (`pytest -m cuda`): what users run on GPUs, skipped with one line where there is none."""
+    return CUDA_GROUP(NO_GPU(test))
+
+
+@pytest.fixture
+def no_tf32():
+    """Plain fp32 on the GPU, restored afterwards: cuDNN convolutions use TF32 (10-bit mantissa) by default."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def random_starts_from_the_cpu(monkeypatch):
+    """PGD's uniform random starts drawn from the CPU generator on every device, so that the same seed gives the same
+    start on the CPU and on the GPU (their generators differ); returns the devices that drew, to show it was used."""
+    uniform, drawn = torch.Tensor.uniform_, []
+
+    def from_the_cpu(self, *args, **kw):
+        drawn.append(self.device.type)
+        return self.copy_(uniform(torch.empty(self.shape, dtype=self.dtype), *args, **kw))
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", from_the_cpu)
+    return drawn
+
+
+def gpu_run(data, out, *flags):
+    """A Run built as `main` builds it: arat.py's, or baselines.py's when --method is given."""
+    argv = ["--dataset", str(data), "--out", str(out), *FAST.split(), *flags]
+    if "--method" in flags:
+        return arat.Run(*baselines.setup(arat.parse_args(argv, config=baselines.BaselineConfig, prog="baselines.py")))
+    return arat.Run(arat.resolve(arat.parse_args(argv)))
+
+
+def tinted_batch(n, size=16, seed=0):
+    """n noisy squares of the first three tints of COLOURS: an easy task, on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    colours = torch.tensor(COLOURS[:3], dtype=torch.float32) / 255
+    return (colours[y][:, :, None, None] + 0.15 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1), y
+
+
+def cpu64(state):
+    return {k: v.detach().cpu().double() for k, v in state.items()}
+
+
+def state_of(run):
+    """Parameters and buffers of the model and the method's modules, on the CPU, in fp64."""
+    return cpu64(run.model.state_dict()) | cpu64({f"extra.{k}": v for k, v in run.extra.state_dict().items()})
+
+
+def relative_distance(a, b, reference, only=""):
+    """||a - b|| / ||a - reference|| over the floating-point tensors whose names contain `only`: how far b is from a,
+    against how far a moved from where both started."""
+    keys = [k for k in a if a[k].is_floating_point() and only in k]
+    diff = sum((a[k] - b[k]).square().sum() for k in keys).sqrt()
+    return (diff / sum((a[k] - reference[k]).square().sum() for k in keys).sqrt()).item()
+
+
+def assert_same_step(terms, other_terms, state, other_state, start):
+    """Two fp32 training steps from the same weights, batch and random start, whose kernels sum in different orders
+    (CPU and GPU, or eager and compiled). The tolerances are about ten times what contiguous and channels-last
+    convolutions give on a CPU with one attack step: the loss terms and the BN statistics, forward quantities, agree to
+    1.4e-5 of their size and 2e-4 of their update; the weights to 2% of their update (6% in the first layers), since
+    the gradient of a weight that feeds a BatchNorm is the small difference of large terms. A step that computes
+    something else (another BN branch, a lost term) shows in the loss terms, far beyond 1e-4. More attack steps would
+    let sign-PGD amplify the rounding: a flipped sign at a near-zero input gradient moves that pixel a whole step."""
+    for k in ("loss", "ce_adv", "ce_clean", "inv"):
+        assert other_terms[k] == pytest.approx(terms[k], rel=1e-4), k
+    assert_same_update(state, other_state, start)
+
+
+def assert_same_update(state, other_state, start):
+    assert relative_distance(state, other_state, start, only="running_") < 2e-3
+    assert relative_distance(state, other_state, start) < 0.2
+    assert all(torch.equal(state[k], other_state[k]) for k in state if k.endswith("num_batches_tracked"))
+
+
+@on_cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("method", ["arat", "trades"])
+def test_cuda_training_steps_lower_the_loss_of_a_fixed_batch_in_bf16_and_in_fp16_with_grad_scaling(
+    method, amp, tiny, tmp_path
+):
+    flags = ["--device", "cuda", "--amp", amp] + (["--method", method] if method != "arat" else [])
+    run = gpu_run(tiny, tmp_path / "run", *flags)
+    dtypes = set()
+    run.model.fc.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    x, y = (t.cuda() for t in tinted_batch(24))
+    losses = [run.train_step(x, y, 0.5, 0.5)["loss"].item() for _ in range(20)]
+    assert dtypes == {torch.bfloat16 if amp == "bf16" else torch.float16}  # every pass ran under autocast
+    assert run.scaler.is_enabled() == (amp == "fp16")  # loss scaling for fp16 only: bf16 has fp32's range
+    assert all(math.isfinite(v) for v in losses), losses
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+@on_cuda
+def test_cuda_fp32_step_matches_the_cpu_step_on_the_same_weights_and_batch(tiny, tmp_path, no_tf32, monkeypatch):
+    flags = ["--attack-steps", "1"]  # see assert_same_step
+    runs = {device: gpu_run(tiny, tmp_path / device, "--device", device, *flags) for device in ("cpu", "cuda")}
+    runs["cuda"].model.load_state_dict(runs["cpu"].model.state_dict())
+    runs["cuda"].extra.load_state_dict(runs["cpu"].extra.state_dict())
+    drawn, start, (x, y) = random_starts_from_the_cpu(monkeypatch), state_of(runs["cpu"]), tinted_batch(24)
+    terms = {}
+    for device, run in runs.items():
+        torch.manual_seed(1)
+        terms[device] = {k: v.item() for k, v in run.train_step(x.to(device), y.to(device), 0.5, 0.5).items()}
+    assert drawn == ["cpu", "cuda"]  # one random start each, the same numbers
+    assert_same_step(terms["cpu"], terms["cuda"], state_of(runs["cpu"]), state_of(runs["cuda"]), start)
+
+
+@on_cuda
+def test_cuda_tensor_images_crop_and_flip_exactly_as_on_the_cpu(cifar):
+    cfg = arat.resolve(arat.Config(dataset="cifar10", data_dir=str(cifar), download=False, workers=0, device="cpu"))
+    cpu, gpu = (arat.load_data(cfg, torch.device(device))[0] for device in ("cpu", "cuda"))
+    order = [torch.tensor([7, 3, 39, 0, 12]), torch.arange(20, 40), torch.tensor([5])]
+    for seed in (0, 1, 123):
+        for (x, y), (gx, gy) in zip(cpu.batches(order, seed), gpu.batches(order, seed), strict=True):
+            assert gx.is_cuda and torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
+    plain, augmented = next(cpu.batches([torch.arange(40)])), next(cpu.batches([torch.arange(40)], 0))
+    assert not torch.equal(plain[0], augmented[0])  # the seeded passes were augmented
+
+
+def export_labelling_the_test_images(cifar, path):
+    """An exported ResNet-18 (one BN set, fresh weights), and CIFAR-10 test labels set to its own predictions: every
+    test image is classified correctly, so PGD and AutoAttack have all of them to attack."""
+    torch.manual_seed(0)
+    model = arat.build_model("resnet18", 10, split_bn=False).eval()
+    torch.save(model.state_dict(), path)
+    test = cifar / "cifar-10-batches-py" / "test_batch"
+    entry = pickle.loads(test.read_bytes())
+    with torch.no_grad():
+        entry["labels"] = model(torch.as_tensor(entry["data"]).view(-1, 3, 32, 32) / 255).argmax(1).tolist()
+    test.write_bytes(pickle.dumps(entry))
+    return path
+
+
+@on_cuda
+def test_cuda_clean_pgd20_and_autoattack_evaluation_agree_with_the_cpu(cifar, tmp_path, no_tf32, monkeypatch):
+    model = export_labelling_the_test_images(cifar, tmp_path / "model.pt")
+    flags = [*FAST.split(), "--dataset", "cifar10", "--data-dir", str(cifar), "--no-download", "--eval-n", "16"]
+    flags += ["--eval-steps", "20", "--eval-only", "--checkpoint", str(model)]
+    gpu = arat.main(arat.parse_args([*flags, "--device", "cuda", "--aa-n", "16", "--out", str(tmp_path / "aa")]))
+    assert gpu["clean_acc"] == 100 and 0 <= gpu["aa_acc"] <= gpu["pgd20_acc"] <= 100
+    assert gpu["n_aa"] == 16 and "apgd-ce" in gpu["autoattack"]["after"]
+    assert "robust accuracy after APGD-CE" in (tmp_path / "aa" / "autoattack.log").read_text()
+    drawn = random_starts_from_the_cpu(monkeypatch)  # PGD-20 from the same random starts on both devices
+    cpu, gpu = (
+        arat.main(arat.parse_args([*flags, "--device", d, "--out", str(tmp_path / d)])) for d in ("cpu", "cuda")
+    )
+    assert set(drawn) == {"cpu", "cuda"} and cpu["clean_acc"] == gpu["clean_acc"] == 100
+    assert abs(cpu["pgd20_acc"] - gpu["pgd20_acc"]) <= 100 / 16  # one image: a sign flip at a near-zero gradient
+
+
+@on_cuda
+@pytest.mark.parametrize("first, then", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_cuda_checkpoints_resume_and_evaluate_on_the_other_device(first, then, cifar, tmp_path, no_tf32, monkeypatch):
+    random_starts_from_the_cpu(monkeypatch)  # the same training on both devices, up to rounding
+    flags = ["--data-dir", str(cifar), "--no-download", "--eval-n", "16", "--attack-steps", "1"]
+
+    def train(out, device, steps, *more):
+        return arat.main(cli("cifar10", out, *flags, "--device", device, "--max-steps", str(steps), *more))
+
+    train(tmp_path / "straight", first, 2)
+    train(tmp_path / "moved", first, 1)
+    ckpt = torch.load(tmp_path / "moved" / "last.pt", weights_only=False)  # no map_location: where it was written
+    assert {t.device.type for t in ckpt["model"].values()} == {first} and ckpt["step"] == 1
+    resumed = train(tmp_path / "moved", then, 2, "--resume")
+    assert resumed["steps"] == 2
+    straight, moved = (cpu64(weights(tmp_path / run / "last.pt")) for run in ("straight", "moved"))
+    assert_same_update(straight, moved, cpu64(ckpt["model"]))  # step 2 on another device: see assert_same_step
+    flags += [*FAST.split(), "--eval-only", "--checkpoint", str(tmp_path / "moved" / "last.pt"), "--device", first]
+    assert arat.main(arat.parse_args(flags))["clean_acc"] == resumed["clean_acc"]
+
+
+@on_cuda
+def test_cuda_compile_trains_as_eager_does_and_keeps_the_model_uncompiled(tiny, tmp_path, no_tf32):
+    runs = {
+        way: gpu_run(tiny, tmp_path / way, "--device", "cuda", "--attack-steps", "1", *more)
+        for way, more in (("eager", []), ("compiled", ["--compile"]))
+    }
+    runs["compiled"].model.load_state_dict(runs["eager"].model.state_dict())
+    runs["compiled"].extra.load_state_dict(runs["eager"].extra.state_dict())
+    start, (x, y), terms = state_of(runs["eager"]), (t.cuda() for t in tinted_batch(24)), {}
+    for way, run in runs.items():  # inductor on the GPU: the kernels users get; the first step compiles
+        torch.manual_seed(1)
+        terms[way] = {k: v.item() for k, v in run.train_step(x, y, 0.5, 0.5).items()}
+    assert_same_step(terms["eager"], terms["compiled"], state_of(runs["eager"]), state_of(runs["compiled"]), start)
+    assert runs["compiled"].model.state_dict().keys() == runs["eager"].model.state_dict().keys()  # what is saved
+
+
+@on_cuda
+def test_cuda_benchmark_prints_its_line_with_the_gpu_and_its_peak_memory(tiny, tmp_path, capsys):
+    result = arat.main(cli(tiny, tmp_path / "bench", "--device", "cuda", "--amp", "bf16", "--benchmark", "3"))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"benchmark: method=v3 step_s=[\d.]+ img_s=[\d.]+ peak_mem_mb=\d+", lines[-1]), lines[-1]
+    assert torch.cuda.get_device_name() in lines[-2] and "amp=bf16" in lines[-2]
+    weights_mb = sum(p.numel() * 4 for p in arat.build_model("resnet18", 3).parameters()) / 2**20
+    assert weights_mb < result["peak_mem_mb"] <= torch.cuda.get_device_properties(0).total_memory / 2**20
+    assert not (tmp_path / "bench").exists() and len(result["times"]) == 5
+
+
+README = os.path.join(os.path.dirname(arat.__file__), "README.md")
+
+
+def readme_section(title):
+    text = open(README).read()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : None if end == -1 else end]
+
+
+def test_readme_snippet_runs_as_written_on_a_torchvision_cnn():
+    import torchvision
+
+    blocks = re.findall(r"```python\n(.*?)```", readme_section("Using AR-AT in another project"), re.S)
+    assert blocks
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    space = {"my_bn_cnn": torchvision.models.resnet18(num_classes=5), "x": x, "y": y, "alpha": 0.6, "beta": 0.4}
+    space["gamma"] = 30.0  # what the user's code provides; the snippet imports the rest
+    for block in blocks:
+        exec(block, space)
+    model, inv = space["model"], space["inv"]
+    assert torch.isfinite(space["loss"]) and inv > 0
+    splits = [m for m in model.modules() if isinstance(m, arat.SplitBatchNorm2d)]
+    aux, main = ([p for m in splits for p in getattr(m, branch).parameters()] for branch in ("aux", "main"))
+    grads = torch.autograd.grad(inv, aux + main, allow_unused=True)  # the invariance term alone
+    assert all(g is None or not g.any() for g in grads[: len(aux)])  # stop-gradient: nothing reaches the aux BNs
+    assert any(g is not None and g.any() for g in grads[len(aux) :])
+    with torch.no_grad():
+        logits = model.eval()(x)
+        plain, reference = arat.merge_split_bn(model), torchvision.models.resnet18(num_classes=5)
+        assert plain.state_dict().keys() == reference.state_dict().keys()
+        reference.load_state_dict(plain.state_dict())
+        assert torch.equal(reference.eval()(x), logits)
+
+
+def readme_commands():
+    """(line number, launcher, script, arguments) of every README command line that runs arat.py or baselines.py: in
+    code blocks, and in backticks in prose and tables, where a table cell of flags alone (Table 17) continues the
+    command given just before the table, and `...` in a table stands for the flags in its header."""
+    commands, in_code, before_table, header = [], False, [], None
+    for number, line in enumerate(open(README).read().splitlines(), 1):
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        row = line.startswith("|") and not in_code
+        spans = [line] if in_code else re.findall(r"`([^`]+)`", line)
+        if not row:
+            header = None
+        elif header is None:  # a table's first line
+            header = [w for span in spans if span.startswith("--") for w in span.split()]
+        for span in spans:
+            words = span.split()
+            if row and f"| `{span}` |" in line and span.startswith("--"):  # a cell of flags only
+                words = before_table + words
+            scripts = [i for i, w in enumerate(words) if w in ("arat.py", "baselines.py")]
+            if not scripts or words[0] not in ("python", "torchrun"):
+                continue
+            stop = [i for i, w in enumerate(words) if w in ("|", "&&", ";", ">") or w.startswith("#")]
+            args = words[scripts[0] + 1 : min(stop, default=len(words))]  # torchrun's own flags come before it
+            args = [a for w in args for a in (header or [] if w == "..." else [w])]  # other placeholders are values
+            commands.append((number, words[0], words[scripts[0]], args))
+            if not row and not in_code:
+                before_table = words
+    return commands
+
+
+def test_every_readme_command_line_parses_and_resolves(capsys):
+    commands, broken = readme_commands(), []
+    for number, _, script, args in commands:
+        try:
+            if script == "baselines.py":
+                cfg = arat.parse_args(args, config=baselines.BaselineConfig, prog=script)
+                check = baselines.setup
+            else:
+                cfg, check = arat.parse_args(args), arat.resolve
+            if not cfg.eval_only:  # --eval-only would read its checkpoint
+                check(cfg)
+        except SystemExit as e:
+            if e.code != 0 or "--help" not in args:
+                broken.append(f"README.md:{number}: {script} {' '.join(args)}: {capsys.readouterr().err.strip()}")
+        except arat.ConfigError as e:
+            broken.append(f"README.md:{number}: {script} {' '.join(args)}: {e}")
+    assert not broken, "\n".join(broken)
+    kinds = {(launcher, script) for _, launcher, script, _ in commands}
+    assert kinds == {
+        (launcher, script) for launcher in ("python", "torchrun") for script in ("arat.py", "baselines.py")
+    }
+    assert len([args for *_, args in commands if "--layers" in args and "--variant" in args]) == 8  # Table 17
