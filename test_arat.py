@@ -1337,15 +1337,21 @@ def test_cuda_tensor_images_crop_and_flip_exactly_as_on_the_cpu(cifar):
 
 
 def export_labelling_the_test_images(cifar, path):
-    """An exported ResNet-18 (one BN set, fresh weights), and CIFAR-10 test labels set to its own predictions: every
-    test image is classified correctly, so PGD and AutoAttack have all of them to attack."""
+    """An exported ResNet-18 (one BN set, fresh weights, BN statistics of the test images so that its logits are
+    moderate), and CIFAR-10 test labels set to its own predictions: every test image is classified correctly, so PGD
+    and AutoAttack have all of them to attack."""
     torch.manual_seed(0)
-    model = arat.build_model("resnet18", 10, split_bn=False).eval()
-    torch.save(model.state_dict(), path)
+    model = arat.build_model("resnet18", 10, split_bn=False)
     test = cifar / "cifar-10-batches-py" / "test_batch"
     entry = pickle.loads(test.read_bytes())
+    x = torch.as_tensor(entry["data"]).view(-1, 3, 32, 32) / 255
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # running statistics: the exact average of what they see
     with torch.no_grad():
-        entry["labels"] = model(torch.as_tensor(entry["data"]).view(-1, 3, 32, 32) / 255).argmax(1).tolist()
+        model.train()(x)
+        entry["labels"] = model.eval()(x).argmax(1).tolist()
+    torch.save(model.state_dict(), path)
     test.write_bytes(pickle.dumps(entry))
     return path
 
