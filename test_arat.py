@@ -1390,8 +1390,8 @@ def test_cuda_checkpoints_resume_and_evaluate_on_the_other_device(first, then, c
     assert resumed["steps"] == 2
     straight, moved = (cpu64(weights(tmp_path / run / "last.pt")) for run in ("straight", "moved"))
     assert_same_update(straight, moved, cpu64(ckpt["model"]))  # step 2 on another device: see assert_same_step
-    flags += [*FAST.split(), "--eval-only", "--checkpoint", str(tmp_path / "moved" / "last.pt"), "--device", first]
-    assert arat.main(arat.parse_args(flags))["clean_acc"] == resumed["clean_acc"]
+    flags += ["--eval-only", "--checkpoint", str(tmp_path / "moved" / "last.pt"), "--device", first]
+    assert arat.main(arat.parse_args([*FAST.split(), *flags]))["clean_acc"] == resumed["clean_acc"]
 
 
 @on_cuda
