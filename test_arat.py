@@ -1437,7 +1437,7 @@ def test_readme_snippet_runs_as_written_on_a_torchvision_cnn():
     blocks = re.findall(r"```python\n(.*?)```", readme_section("Using AR-AT in another project"), re.S)
     assert blocks
     torch.manual_seed(0)
-    x, y = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     space = {"my_bn_cnn": torchvision.models.resnet18(num_classes=5), "x": x, "y": y, "alpha": 0.6, "beta": 0.4}
     space["gamma"] = 30.0  # what the user's code provides; the snippet imports the rest
     for block in blocks:
