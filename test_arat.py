@@ -1051,7 +1051,7 @@ def test_asym_trades_kl_sends_no_gradient_to_the_auxiliary_branch():
     splits = [m for m in model.modules() if isinstance(m, arat.SplitBatchNorm2d)]
     aux = [p for m in splits for p in m.aux.parameters()]
     main = [p for m in splits for p in m.main.parameters()]
-    grads = torch.autograd.grad(terms["inv"], aux + main, allow_unused=True)
+    grads = torch.autograd.grad(terms["kl"], aux + main, allow_unused=True)
     assert all(g is None or g.abs().sum() == 0 for g in grads[: len(aux)])
     assert sum(g.abs().sum() for g in grads[len(aux) :] if g is not None) > 0
 
@@ -1260,6 +1260,111 @@ def test_recipes_are_each_methods_own_and_flags_override_them():
     assert all(resolved("--method", m).eval_eps == 8 / 255 for m in baselines.METHODS)  # AR-AT's evaluation protocol
 
 
+def _epoch_lrs(cfg):
+    """The lr of epochs 1..N: the lambda Run's scheduler applies to the resolved config."""
+    return [cfg.lr * arat.lr_schedule(cfg)(epoch) for epoch in range(cfg.epochs)]
+
+
+def _stepped(lr, epoch, thresholds):
+    """An official adjust_learning_rate of the "if epoch >= t: lr = base * 0.1 ** k" kind, 1-based epochs."""
+    return lr * 0.1 ** sum(epoch >= t for t in thresholds)
+
+
+def test_each_recipe_gives_the_lr_of_every_epoch_of_its_official_script():
+    # written from each official script, for its epochs 1..N
+    official = {
+        # MadryLab robustness's CIFAR defaults: StepLR(step_size=50, gamma=0.1) over 150 epochs
+        ("at", "resnet18"): [_stepped(0.1, e, (51, 101)) for e in range(1, 151)],
+        # yaodongyu/TRADES, train_trades_cifar10.py: 76 epochs, adjust_learning_rate (75, 90, 100)
+        ("trades", "wrn34"): [_stepped(0.1, e, (75, 90, 100)) for e in range(1, 77)],
+        # YisenWang/MART, train_resnet.py: 120 epochs at 0.01; train_wideresnet.py: 90 at 0.1 (75, 90, 100)
+        ("mart", "resnet18"): [_stepped(0.01, e, (75, 90, 100)) for e in range(1, 121)],
+        ("mart", "wrn34"): [_stepped(0.1, e, (75, 90, 100)) for e in range(1, 91)],
+        # dvlab-research/LBGAT, train_lbgat_cifar100.py: 100 epochs, epoch 1 at 0.02, then (76, 91, 101)
+        ("lbgat", "wrn34"): [0.02 if e == 1 else _stepped(0.1, e, (76, 91, 101)) for e in range(1, 101)],
+    }
+    for (method, arch), lrs in official.items():
+        assert _epoch_lrs(baselines.setup(baseline_args("--method", method, "--arch", arch))[0]) == pytest.approx(
+            lrs, rel=1e-12
+        ), (method, arch)
+    fields = ("epochs", "weight_decay", "trades_beta", "eps", "step_size", "attack_steps")
+    values = {  # the same scripts' other defaults (LBGAT's beta: sh/train_lbgat0_cifar100.sh)
+        ("mart", "resnet18"): (120, 3.5e-3, 5.0, 0.031, 0.007, 10),
+        ("mart", "wrn34"): (90, 7e-4, 6.0, 0.031, 0.007, 10),
+        ("lbgat", "resnet18"): (100, 2e-4, 0.0, 0.031, 0.007, 10),
+        ("trades", "resnet18"): (76, 2e-4, 6.0, 0.031, 0.007, 10),
+    }
+    for (method, arch), expected in values.items():
+        cfg = baselines.setup(baseline_args("--method", method, "--arch", arch))[0]
+        assert tuple(getattr(cfg, f) for f in fields) == expected, (method, arch)
+    for method, beta in {"trades": 6.0, "mart": 5.0, "lbgat": 0.0}.items():  # --recipe arat keeps the method
+        assert baselines.setup(baseline_args("--method", method, "--recipe", "arat"))[0].trades_beta == beta
+
+
+def test_shorter_runs_drop_the_lr_at_the_same_fractions_and_keep_one_warm_up_epoch():
+    at = baselines.setup(baseline_args("--method", "at", "--recipe", "arat", "--epochs", "10"))[0]
+    assert _epoch_lrs(at) == _epoch_lrs(arat.resolve(arat.parse_args(["--epochs", "10"])))
+    assert _epoch_lrs(at) == pytest.approx([0.1] * 8 + [0.01, 0.001], rel=1e-12)
+    lbgat = baselines.setup(baseline_args("--method", "lbgat", "--epochs", "10"))[0]
+    assert _epoch_lrs(lbgat) == pytest.approx([0.02] + [0.1] * 7 + [0.01, 0.001], rel=1e-12)
+    assert baselines.setup(baseline_args("--method", "at", "--epochs", "15"))[0].lr_drops == "5,10"
+    assert baselines.setup(baseline_args("--method", "at", "--lr-drops", "3"))[0].lr_drops == "3"  # given: kept
+
+
+def test_lbgat_teacher_is_the_official_resnet18_cifar_with_layer2_at_stride_1():
+    student = arat.build_model("resnet18", 10, split_bn=False)
+    teacher = baselines.lbgat_teacher(student, None)
+    sizes = {}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        teacher.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: sizes.__setitem__(n, o.shape[-1]))
+    assert teacher(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert list(sizes.values()) == [32, 32, 16, 8]  # models/resnetcifar.py; arat.py's ResNet-18: 32/16/8/4
+    assert sum(p.numel() for p in teacher.parameters()) == 11_173_962
+    assert not any(isinstance(m, arat.SplitBatchNorm2d) for m in teacher.modules())
+
+
+def test_fp16_mart_and_at_attacks_scale_their_loss_and_take_full_steps():
+    # the confident classifier of test_fp16_attack_gradients_do_not_vanish: unscaled fp16 input gradients are zeros
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[0.005], [-0.005]]).expand(2, 4 * 8 * 8))
+        model[2].bias.copy_(torch.tensor([14.0, 0.0]))
+    x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    cfg = types.SimpleNamespace(eps=8 / 255, step_size=2 / 255, attack_steps=1, norm="linf", attack_mode="eval")
+    for attack in (baselines.mart_attack, baselines.at_attack):
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, x_adv = attack(model, None, x, y, cfg)
+        assert (x_adv - x).abs().mean() > 1.5 / 255, attack.__name__  # a stalled step stays near its start
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--official-quirks"], "--official-quirks: reproduces AR-AT's released code; arat.py only"),
+        (["--gamma", "30"], "--gamma: an AR-AT flag, which --method trades does not take"),
+        (["--variant", "v1"], "--variant: an AR-AT flag"),
+        (["--no-split-bn", "--method", "asym-trades"], "--no-split-bn: an AR-AT flag"),
+        (["--predictor"], "--predictor: an AR-AT flag"),
+        (["--layers", "layer4"], "--layers: an AR-AT flag"),
+        (["--no-stop-grad"], "--no-stop-grad: an AR-AT flag"),
+        (["--method", "mart", "--beta", "0.5"], "--beta: an AR-AT flag, which --method mart does not take"),
+    ],
+)
+def test_ar_at_only_flags_and_official_quirks_are_refused_by_baselines(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        arat.main(baseline_args(*flags), baselines.setup, "baselines.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"baselines.py: error: {message}") and err.count("\n") == 1
+    cfg = baselines.setup(baseline_args("--method", "asym-trades", "--no-auto-balance", "--alpha", "0.5"))[0]
+    assert (cfg.alpha, cfg.beta) == (0.5, 1.0)  # Asym-TRADES weighs alpha and beta: they are its flags
+
+
+def test_baselines_help_describes_baselines_py():
+    out = subprocess.run([sys.executable, "baselines.py", "--help"], capture_output=True, text=True, check=True).stdout
+    assert baselines.__doc__.split("\n\n")[0] in out and arat.__doc__.split("\n\n")[0] not in out
+
+
 @pytest.mark.parametrize("method", list(baselines.METHODS))
 def test_each_baseline_trains_two_steps_and_writes_all_outputs(method, tiny, tmp_path):
     args = baseline_args("--dataset", str(tiny), "--out", str(tmp_path / method), *FAST.split(), "--method", method)
@@ -1270,6 +1375,17 @@ def test_each_baseline_trains_two_steps_and_writes_all_outputs(method, tiny, tmp
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert (len(ckpt["extra"]) > 0) == (method == "lbgat")  # LBGAT's teacher is saved with the model
     assert ckpt["config"]["method"] == method
+
+
+@pytest.mark.parametrize("method", ["trades", "asym-trades"])
+def test_baseline_logs_name_each_methods_own_terms_and_measure_grad_sim(method, tiny, tmp_path):
+    flags = ("--method", method, "--grad-sim-every", "1", "--max-steps", "2")
+    arat.main(baseline_args("--dataset", str(tiny), "--out", str(tmp_path), *FAST.split(), *flags), baselines.setup)
+    rec = read_log(tmp_path)[-1]
+    own = {"trades": {"ce_clean", "kl"}, "asym-trades": {"ce_adv", "ce_clean", "kl"}}[method]
+    assert own <= rec.keys() and "inv" not in rec and -1 <= rec["grad_sim"] <= 1  # Fig. 11: TRADES's own two terms
+    weights = {"alpha", "beta", "balance_acc"} & rec.keys()  # only Asym-TRADES weighs its CE terms by Eq. 8
+    assert weights == ({"alpha", "beta", "balance_acc"} if method == "asym-trades" else set())
 
 
 def test_a_baselines_checkpoint_evaluates_with_arat_eval_only(tiny, tmp_path):
