@@ -174,7 +174,8 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.conv1 = conv3x3(3, stem)
         self.bn1 = None if preact else nn.BatchNorm2d(stem)
-        cin, strides = stem, strides or [1] + [2] * (len(widths) - 1)  # the stride of each stage's first block
+        cin = stem
+        strides = strides or [1] + [2] * (len(widths) - 1)  # the stride of each stage's first block
         for i, (width, depth, stride) in enumerate(zip(widths, depths, strides)):
             blocks = [block(cin if j == 0 else width, width, stride if j == 0 else 1) for j in range(depth)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
@@ -283,10 +284,9 @@ def pgd(model, x, y, eps, step_size, steps, norm="linf", start="uniform", shard=
     """Eq. 1 by projected gradient ascent on CE(f(x + delta), y) summed over the batch (or the baselines' `objective`
     of the logits and y): returns x' with ||x' - x|| <= eps and x' in [0, 1].
 
-    Never modifies x (the released code added its random start to the caller's batch in place). The first gradient is
-    taken at x + delta_0: `start` "uniform" in the ball, clamped into [0, 1]; "unclamped" (L-inf) not clamped;
-    "normal" 0.001 N(0, 1); "none" zero, even if x lies outside [0, 1]. Gradients are taken with respect to delta
-    only, the weights frozen meanwhile.
+    Never modifies x (the released code added its random start to the caller's batch in place). `start` is delta_0:
+    "uniform" in the ball clamped into [0, 1], "unclamped" (L-inf), "normal" 0.001 N(0, 1), or "none" (even if x lies
+    outside [0, 1]). Gradients are taken with respect to delta only, the weights frozen meanwhile.
     With shard = (rank, world) the random start of the whole global batch is drawn and this process's rows kept, so
     that N processes under torchrun attack exactly as one process would.
     """
