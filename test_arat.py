@@ -1171,11 +1171,11 @@ def _official_lbgat_step(model, teacher, x, y, optimizer, cfg):
     return x_adv, loss
 
 
-def _steps_equal_the_official_ones(name, official_step, *flags):
+def _steps_equal_the_official_ones(name, official_step):
     """Two SGD steps of baselines.py's method through Run.train_step (its attack, Trainee, the SGD optimiser Run
     builds, the method's recipe) against two steps of `official_step` on a copy, in float64, from the same weights and
     RNG state: x', the loss, every parameter, BN running statistic and momentum buffer (the teacher's too) to 1e-10."""
-    cfg = baselines.setup(baseline_args("--method", name, "--amp", "off", "--device", "cpu", *flags))[0]
+    cfg = baselines.setup(baseline_args("--method", name, "--amp", "off", "--device", "cpu"))[0]
     cfg = dataclasses.replace(cfg, attack_steps=3)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # the official torch.randn(x.shape) then draws x's dtype, as in fp32
