@@ -164,19 +164,20 @@ class PreActBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """3x3 stem (no max-pool), stages of blocks (the first of each later stage has stride 2), avg-pool, linear.
+    """3x3 stem (no max-pool), stages of blocks (first of each later stage: stride 2 by default), avg-pool, linear.
 
     Post-activation nets put BN-ReLU after the stem; pre-activation nets (PreAct ResNet, WRN) put it before the pool.
     Inputs are in [0, 1]: there is no normalisation layer, as in the released code.
     """
 
-    def __init__(self, block, stem, widths, depths, num_classes, preact):
+    def __init__(self, block, stem, widths, depths, num_classes, preact, strides=None):
         super().__init__()
         self.conv1 = conv3x3(3, stem)
         self.bn1 = None if preact else nn.BatchNorm2d(stem)
         cin = stem
-        for i, (width, depth) in enumerate(zip(widths, depths)):
-            blocks = [block(cin if j == 0 else width, width, 2 if i > 0 and j == 0 else 1) for j in range(depth)]
+        strides = strides or [1] + [2] * (len(widths) - 1)  # the stride of each stage's first block
+        for i, (width, depth, stride) in enumerate(zip(widths, depths, strides)):
+            blocks = [block(cin if j == 0 else width, width, stride if j == 0 else 1) for j in range(depth)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             cin = width
         self.stages = len(widths)
@@ -279,23 +280,28 @@ class InvarianceHead(nn.Module):
 # ------------------------------------------------------------------------------------------------ Attack (Eq. 1)
 
 
-def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True, shard=(0, 1)):
-    """Eq. 1 by projected gradient ascent on CE(f(x + delta), y): returns x' with ||x' - x|| <= eps and x' in [0, 1].
+def pgd(model, x, y, eps, step_size, steps, norm="linf", start="uniform", shard=(0, 1), objective=None):
+    """Eq. 1 by projected gradient ascent on CE(f(x + delta), y) summed over the batch (or the baselines' `objective`
+    of the logits and y): returns x' with ||x' - x|| <= eps and x' in [0, 1].
 
-    Never modifies x (the released code added its random start to the caller's batch in place). Without a random
-    start the first gradient is taken at x itself, even if x lies outside [0, 1]. Gradients are taken with respect to
-    delta only, the weights frozen meanwhile.
+    Never modifies x (the released code added its random start to the caller's batch in place). `start` is delta_0:
+    "uniform" in the ball clamped into [0, 1], "unclamped" (L-inf), "normal" 0.001 N(0, 1), or "none" (even if x lies
+    outside [0, 1]). Gradients are taken with respect to delta only, the weights frozen meanwhile.
     With shard = (rank, world) the random start of the whole global batch is drawn and this process's rows kept, so
     that N processes under torchrun attack exactly as one process would.
     """
     view, (rank, world) = (-1, *[1] * (x.dim() - 1)), shard
-    start = torch.empty((len(x) * world, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    if not random_start:
+    noise = torch.empty((len(x) * world, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    objective = objective or functools.partial(F.cross_entropy, reduction="sum")
+    if start == "none":
         delta = torch.zeros_like(x)
+    elif start == "normal":
+        delta = 0.001 * noise.normal_()[rank::world]
     elif norm == "linf":  # uniform in the box
-        delta = (x + start.uniform_(-eps, eps)[rank::world]).clamp(0, 1) - x
+        delta = noise.uniform_(-eps, eps)[rank::world]
+        delta = delta if start == "unclamped" else (x + delta).clamp(0, 1) - x
     else:  # a uniform radius along a random direction
-        delta, radius = start.normal_(), torch.rand(len(start), device=x.device).view(view)
+        delta, radius = noise.normal_(), torch.rand(len(noise), device=x.device).view(view)
         delta = (x + (delta * (eps * radius / delta.flatten(1).norm(dim=1).view(view)))[rank::world]).clamp(0, 1) - x
     # Under fp16 autocast the backward pass through confident logits underflows to exact zeros; scaling the loss
     # keeps the direction (sign / normalised gradient are scale-free), as GradScaler does for weight gradients.
@@ -303,7 +309,7 @@ def pgd(model, x, y, eps, step_size, steps, norm="linf", random_start=True, shar
     with frozen_weights(model):
         for _ in range(steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            loss = objective(model(x + delta), y)
             (grad,) = torch.autograd.grad(loss * (1024.0 if fp16 else 1.0), delta)
             if norm == "linf":
                 delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
@@ -333,10 +339,10 @@ def arat_attack(model, head, x, y, cfg, shard=(0, 1)):
     """The training attack: PGD-10 on CE through the main BNs, in train mode as released, so the main BNs' running
     statistics absorb the attack's forward passes (L2, as released: eval mode). Returns the batch the clean branch
     trains on and x'."""
-    start = True
+    start = "uniform"
     if cfg.official_quirks and cfg.norm == "linf":  # the released PGD added its random start to the batch in place:
         x = x + torch.empty_like(x).uniform_(-cfg.eps, cfg.eps)  # the clean branch trains on this unclamped point
-        start = False  # and the attack starts there, its ball centred on it
+        start = "none"  # and the attack starts there, its ball centred on it
     with train_mode(model, cfg.attack_mode == "train"):
         return x, pgd(model, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm, start, shard)
 
@@ -402,14 +408,23 @@ def gradient_similarity(cls_loss, inv_loss, weights):
     return F.cosine_similarity(a, b, dim=0), (a * b < 0).float().mean()
 
 
-def lr_factor(epoch: int, drops, official_quirks: bool = False, lr: float = 0.1) -> float:
-    """Sec. 4: lr / 10 after each epoch count in `drops` (75 and 90 of 100); `epoch` counts from 0.
+def lr_factor(epoch: int, drops, official_quirks: bool = False, lr: float = 0.1, warmup_lr=None) -> float:
+    """Sec. 4: lr / 10 after each epoch count in `drops` (75 and 90 of 100); `epoch` counts from 0. With `warmup_lr`,
+    epoch 1 alone runs at that lr (a warm-up epoch, as LBGAT's official schedule).
 
     The released schedule (official_quirks): epoch 1 at the literal 0.02 whatever the lr, then after epoch e the lr
     of get_lr(e), divided by 10 beyond 75, 90, 100 and 110 epochs; thresholds literal, hence one epoch late."""
     if official_quirks:
         return 0.02 / lr if epoch == 0 else 0.1 ** sum(epoch > t for t in (75, 90, 100, 110))
+    if epoch == 0 and warmup_lr is not None:
+        return warmup_lr / lr
     return 0.1 ** sum(epoch >= d for d in drops)
+
+
+def lr_schedule(cfg) -> typing.Callable:
+    """The lr factor of each epoch (counted from 0) of a resolved Config: the scheduler's lambda."""
+    drops = [int(d) for d in cfg.lr_drops.split(",")]
+    return lambda epoch: lr_factor(epoch, drops, cfg.official_quirks, cfg.lr, cfg.warmup_lr)
 
 
 class Method(typing.NamedTuple):
@@ -419,6 +434,8 @@ class Method(typing.NamedTuple):
     attack: typing.Callable  # (model, extra, x, y, cfg, shard) -> (the batch the clean branch sees, x')
     loss: typing.Callable  # (model, extra, x, x', y, cfg, alpha, beta) -> (loss, {term: tensor})
     extra: typing.Callable  # (model, cfg) -> the nn.Module it trains besides the model (predictors, a teacher)
+    balance: bool = True  # its loss weighs alpha and beta (Eq. 8): measured each epoch and logged
+    grad_sim: tuple = ("cls", "inv")  # the loss terms Grad-sim compares: classification, regularisation (Table 17)
 
 
 ARAT = Method("arat", arat_attack, arat_loss, InvarianceHead)
@@ -458,6 +475,7 @@ class Config:
     epochs: int = arg(100, "training epochs", "optimisation (Sec. 4)")
     lr: float = arg(0.1, "SGD learning rate")
     lr_drops: str | None = arg(None, "epochs after which the lr is divided by 10; default 75%% and 90%% of --epochs")
+    warmup_lr: float | None = arg(None, "lr of the first epoch only (a warm-up epoch); default --lr")
     momentum: float = arg(0.9, "SGD momentum")
     weight_decay: float = arg(5e-4, "on every parameter, predictors and BNs included (as released)")
     batch_size: int = arg(128, "images per optimiser step")
@@ -500,7 +518,7 @@ MINIMUM = {"epochs": 1, "batch_size": 2, "attack_steps": 1, "eval_steps": 1, "ev
            "max_steps": 1, "eval_n": 1, "balance_n": 1, "image_size": 8, "workers": 0, "aa_n": 0, "val_n": 0,
            "grad_sim_every": 0, "gamma": 0, "alpha": 0, "beta": 0, "weight_decay": 0, "momentum": 0,
            "swa_start": 1, "swa_every": 1, "benchmark": 0}
-POSITIVE = ("lr", "eps", "step_size", "eval_eps", "eval_step_size")
+POSITIVE = ("lr", "warmup_lr", "eps", "step_size", "eval_eps", "eval_step_size")
 CHOICES = {"arch": ARCHS, "variant": VARIANTS, "norm": THREATS, "attack_mode": ("train", "eval"),
            "amp": ("bf16", "fp16", "off")}
 URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -606,9 +624,9 @@ def _number(text):
         raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
 
 
-def parse_args(argv=None, config=Config, prog="arat.py") -> Config:
+def parse_args(argv=None, config=Config, prog="arat.py", description=__doc__.split("\n\n")[0]) -> Config:
     """A flag per field of `config` (Config or a subclass), with the field's own type, default, help and group."""
-    parser = _Parser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter)
     hints, group = typing.get_type_hints(config), parser  # types also where annotations are strings
     for f in dataclasses.fields(config):
         if "help" not in f.metadata:  # no field may be without its flag
@@ -999,9 +1017,7 @@ class Run:
             self.trainee = ddp(self.trainee, broadcast_buffers=False, find_unused_parameters=True)
         params = [*self.model.parameters(), *self.extra.parameters()]
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        drops = [int(d) for d in cfg.lr_drops.split(",")]
-        factor = functools.partial(lr_factor, drops=drops, official_quirks=cfg.official_quirks, lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.swa = torch.optim.swa_utils.AveragedModel(self.model) if cfg.swa else None  # equal weights
         self.weights = [m.weight for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # Grad-sim
@@ -1034,8 +1050,9 @@ class Run:
         with self.autocast():
             x, x_adv = self.method.attack(self.fwd, self.extra, x, y, self.cfg, (self.rank, self.world))
             loss, terms = self.trainee(x, x_adv, y, self.cfg, alpha, beta)
-        if grad_sim and "inv" in terms:  # Table 17, on the step's own graph: no gradient or weight changes
-            terms["grad_sim"], terms["conflict_frac"] = gradient_similarity(terms["cls"], terms["inv"], self.weights)
+        cls, reg = self.method.grad_sim
+        if grad_sim and reg in terms:  # Table 17, on the step's own graph: no gradient or weight changes
+            terms["grad_sim"], terms["conflict_frac"] = gradient_similarity(terms[cls], terms[reg], self.weights)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -1096,7 +1113,9 @@ class Run:
         while self.epoch < cfg.epochs and self.step < (cfg.max_steps or math.inf):
             step, t0 = self.step, time.time()
             seed = (cfg.seed * 1_000_003 + self.epoch) * 2  # the epoch's order and augmentation, whenever it runs
-            if self.batch:  # resuming inside an epoch: the alpha and beta measured at its start
+            if not self.method.balance:  # no alpha or beta to measure (AT, TRADES, MART, LBGAT)
+                acc = alpha = beta = None
+            elif self.batch:  # resuming inside an epoch: the alpha and beta measured at its start
                 acc, alpha, beta = (self.history[-1][k] for k in ("balance_acc", "alpha", "beta"))
             else:  # Eq. 8 with Acc of the model before this epoch (epoch 1 starts near chance, so beta ~ 1 at first)
                 n = math.ceil(cfg.balance_n / cfg.batch_size)  # whole shuffled batches, as released (8 x 128 = 1,024)
@@ -1105,7 +1124,8 @@ class Run:
                     acc = evaluate(self.model, self.train_set, first, cfg, "aux", attack=False, seed=seed + 1)["clean"]
                 alpha, beta = auto_balance(acc / 100) if cfg.auto_balance else (cfg.alpha, cfg.beta)
             rec = dict(epoch=self.epoch + 1, lr=self.optimizer.param_groups[0]["lr"], alpha=alpha, beta=beta)
-            rec |= dict(balance_acc=acc) | self.train_epoch(seed, alpha, beta, start)
+            rec = {k: v for k, v in (rec | dict(balance_acc=acc)).items() if v is not None}
+            rec |= self.train_epoch(seed, alpha, beta, start)
             rec |= dict(step=self.step, images_per_s=(self.step - step) * cfg.batch_size / (time.time() - t0))
             self.history.append(rec | ({"batches": self.batch} if self.batch else {}))  # cut short: --resume goes on
             if self.rank == 0:

@@ -180,7 +180,7 @@ def test_fp16_attack_gradients_do_not_vanish():
     with torch.autocast("cpu", dtype=torch.float16):
         assert model(x).dtype == torch.float16
         assert input_grad().abs().sum() == 0  # naive fp16 backward underflows to exact zeros
-        x_adv = arat.pgd(model, x, y, 8 / 255, 2 / 255, 1, random_start=False)
+        x_adv = arat.pgd(model, x, y, 8 / 255, 2 / 255, 1, start="none")
     assert (x_adv - x).abs().amax() > 1 / 255  # pgd still takes a full step
 
 
@@ -1052,14 +1052,15 @@ def test_asym_trades_kl_sends_no_gradient_to_the_auxiliary_branch():
     splits = [m for m in model.modules() if isinstance(m, arat.SplitBatchNorm2d)]
     aux = [p for m in splits for p in m.aux.parameters()]
     main = [p for m in splits for p in m.main.parameters()]
-    grads = torch.autograd.grad(terms["inv"], aux + main, allow_unused=True)
+    grads = torch.autograd.grad(terms["kl"], aux + main, allow_unused=True)
     assert all(g is None or g.abs().sum() == 0 for g in grads[: len(aux)])
     assert sum(g.abs().sum() for g in grads[len(aux) :] if g is not None) > 0
 
 
 def test_trades_attack_with_the_clean_probabilities_computed_once_equals_the_official_one():
-    model, (x, _, y) = TinyNet().train(), _batch()
-    cfg = types.SimpleNamespace(attack_steps=5, step_size=0.007, eps=0.031)
+    # float64, to the last bit's rounding: pgd steps delta = x' - x where the official loop steps x' itself
+    (x, _, y), model = (t.double() if t.is_floating_point() else t for t in _batch()), TinyNet().double().train()
+    cfg = types.SimpleNamespace(attack_steps=5, step_size=0.007, eps=0.031, norm="linf")
     torch.manual_seed(3)
     _, x_adv = baselines.trades_attack(model, None, x, y, cfg)
     torch.manual_seed(3)
@@ -1070,7 +1071,168 @@ def test_trades_attack_with_the_clean_probabilities_computed_once_equals_the_off
         loss = F.kl_div(F.log_softmax(model(official), 1), F.softmax(model(x), 1), reduction="sum")
         (grad,) = torch.autograd.grad(loss, official)
         official = torch.min(torch.max(official.detach() + 0.007 * grad.sign(), x - 0.031), x + 0.031).clamp(0, 1)
-    assert torch.equal(x_adv, official)
+    assert torch.allclose(x_adv, official, rtol=0, atol=1e-15)
+
+
+def _bn_randomised(seed):
+    """A float64 TinyNet in train mode with its BN affine parameters and running statistics randomised, so that a
+    forward pass in the wrong mode, order or number shows in the statistics and the outputs."""
+    torch.manual_seed(seed)
+    model = TinyNet().double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.train()
+
+
+def _official_attack(model, x, objective, cfg):
+    """The attack loop of trades.py (trades_loss), mart.py (mart_loss) and lbgat.py (lbgat_loss), the same lines in
+    all three but for the objective: eval mode, x' = x + 0.001 randn(x.shape), then sign steps on x' itself, each
+    followed by min/max onto the eps-box around x and a clamp into [0, 1]; train mode again afterwards."""
+    model.eval()
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape).detach()
+    for _ in range(cfg.attack_steps):
+        x_adv.requires_grad_()
+        (grad,) = torch.autograd.grad(objective(model(x_adv)), [x_adv])
+        x_adv = x_adv.detach() + cfg.step_size * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - cfg.eps), x + cfg.eps), 0.0, 1.0)
+    model.train()
+    return torch.clamp(x_adv, 0.0, 1.0).detach()
+
+
+def _official_kl_sum(model, x):
+    """nn.KLDivLoss(size_average=False)(log_softmax(logits'), softmax(model(x))) as the official attacks write it,
+    model(x) recomputed at every call."""
+    return lambda logits: F.kl_div(F.log_softmax(logits, dim=1), F.softmax(model(x), dim=1), reduction="sum")
+
+
+def _official_at_step(net, teacher, x_natural, y, optimizer, cfg):
+    """ndb796/Pytorch-Adversarial-Training-CIFAR, pgd_adversarial_training.py: train() zeroes the gradients, then
+    LinfPGDAttack.perturb on the train-mode net (x + U(-eps, eps), not clamped before its first gradient; sign steps
+    on the batch-mean CE, min/max onto the box, clamp), then CE(net(x'), y), backward, step."""
+    optimizer.zero_grad()
+    x = x_natural.detach() + torch.zeros_like(x_natural).uniform_(-cfg.eps, cfg.eps)
+    for _ in range(cfg.attack_steps):
+        x.requires_grad_()
+        (grad,) = torch.autograd.grad(F.cross_entropy(net(x), y), [x])
+        x = x.detach() + cfg.step_size * torch.sign(grad.detach())
+        x = torch.clamp(torch.min(torch.max(x, x_natural - cfg.eps), x_natural + cfg.eps), 0, 1)
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    optimizer.step()
+    return x, loss
+
+
+def _official_trades_step(model, teacher, x, y, optimizer, cfg):
+    """yaodongyu/TRADES, trades.py, trades_loss (as train_trades_cifar10.py's train() calls it): the KL attack, then
+    in train mode logits = model(x), and (1 / B) KL-sum(log_softmax(model(x')), softmax(model(x))): three forwards."""
+    x_adv = _official_attack(model, x, _official_kl_sum(model, x), cfg)
+    optimizer.zero_grad()
+    logits = model(x)
+    loss_natural = F.cross_entropy(logits, y)
+    kl_sum = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1), reduction="sum")
+    loss = loss_natural + cfg.trades_beta * ((1.0 / len(x)) * kl_sum)
+    loss.backward()
+    optimizer.step()
+    return x_adv, loss
+
+
+def _official_mart_step(model, teacher, x, y, optimizer, cfg):
+    """YisenWang/MART, mart.py, mart_loss: the CE attack (batch mean), then in train mode model(x), model(x'); the
+    boosted CE on x' (the most likely wrong class from argsort) and the KL weighted by 1.0000001 - p_y(x)."""
+    x_adv = _official_attack(model, x, lambda logits: F.cross_entropy(logits, y), cfg)
+    optimizer.zero_grad()
+    logits, logits_adv = model(x), model(x_adv)
+    adv_probs, nat_probs = F.softmax(logits_adv, dim=1), F.softmax(logits, dim=1)
+    top = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(top[:, -1] == y, top[:, -2], top[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
+    kl_rows = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(1)
+    loss = loss_adv + cfg.trades_beta * ((1.0 / len(x)) * torch.sum(kl_rows * (1.0000001 - true_probs)))
+    loss.backward()
+    optimizer.step()
+    return x_adv, loss
+
+
+def _official_lbgat_step(model, teacher, x, y, optimizer, cfg):
+    """dvlab-research/LBGAT, lbgat.py, lbgat_loss: the KL attack, then in train mode out_adv = model(x'), out_natural =
+    model(x), out = teacher(x); MSE(out_adv, out) + CE(out, y) + beta (1 / B) KL-sum(out_adv, out_natural)."""
+    x_adv = _official_attack(model, x, _official_kl_sum(model, x), cfg)
+    optimizer.zero_grad()
+    out_adv, out_natural, out = model(x_adv), model(x), teacher(x)
+    kl_sum = F.kl_div(F.log_softmax(out_adv, dim=1), F.softmax(out_natural, dim=1), reduction="sum")
+    loss = F.mse_loss(out_adv, out) + F.cross_entropy(out, y) + cfg.trades_beta * ((1.0 / out.size(0)) * kl_sum)
+    loss.backward()
+    optimizer.step()
+    return x_adv, loss
+
+
+def _steps_equal_the_official_ones(name, official_step):
+    """Two SGD steps of baselines.py's method through Run.train_step (its attack, Trainee, the SGD optimiser Run
+    builds, the method's recipe) against two steps of `official_step` on a copy, in float64, from the same weights and
+    RNG state: x', the loss, every parameter, BN running statistic and momentum buffer (the teacher's too) to 1e-10."""
+    cfg = baselines.setup(baseline_args("--method", name, "--amp", "off", "--device", "cpu"))[0]
+    cfg = dataclasses.replace(cfg, attack_steps=3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the official torch.randn(x.shape) then draws x's dtype, as in fp32
+    try:
+        model, extra = _bn_randomised(0), _bn_randomised(1) if name == "lbgat" else nn.Module()
+        twin, twin_extra = copy.deepcopy(model), copy.deepcopy(extra)
+        method, seen = baselines.METHODS[name], []
+
+        def attack(*args):
+            x, x_adv = method.attack(*args)
+            seen.append(x_adv)
+            return x, x_adv
+
+        ours, theirs = (
+            torch.optim.SGD([*m.parameters(), *e.parameters()], cfg.lr, cfg.momentum, weight_decay=cfg.weight_decay)
+            for m, e in ((model, extra), (twin, twin_extra))
+        )
+        run = types.SimpleNamespace(cfg=cfg, method=method._replace(attack=attack), fwd=model, extra=extra, rank=0)
+        run.autocast = functools.partial(torch.autocast, "cpu", enabled=False)
+        run.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        run.world, run.optimizer, run.trainee = 1, ours, arat.Trainee(model, extra, method.loss)
+        for step in range(2):
+            x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
+            x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0  # pixels at the box edges: an unclamped start leaves [0, 1] there
+            torch.manual_seed(10 + step)
+            loss = arat.Run.train_step(run, x, y, 0.5, 0.5)["loss"]
+            torch.manual_seed(10 + step)
+            x_adv, ref_loss = official_step(twin, twin_extra, x, y, theirs, cfg)
+            assert torch.allclose(seen[-1], x_adv, rtol=0, atol=1e-10), step
+            assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-10), step
+        pairs = zip([*model.parameters(), *extra.parameters()], [*twin.parameters(), *twin_extra.parameters()])
+        for a, b in pairs:
+            assert torch.allclose(a, b, rtol=0, atol=1e-10)
+            assert torch.allclose(ours.state[a]["momentum_buffer"], theirs.state[b]["momentum_buffer"], 0, 1e-10)
+        for m, t in ((model, twin), (extra, twin_extra)):
+            a, b = buffers(m), buffers(t)
+            assert a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double(), 0, 1e-10) for k in a)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_at_steps_equal_the_official_ones_with_the_random_start_unclamped():
+    _steps_equal_the_official_ones("at", _official_at_step)
+
+
+def test_trades_steps_equal_the_official_ones_with_three_train_mode_forwards():
+    _steps_equal_the_official_ones("trades", _official_trades_step)
+
+
+def test_mart_steps_equal_the_official_ones():
+    _steps_equal_the_official_ones("mart", _official_mart_step)
+
+
+def test_lbgat_steps_equal_the_official_ones_with_the_student_clean_forward_at_beta_0():
+    assert baselines.setup(baseline_args("--method", "lbgat", "--recipe", "arat"))[0].trades_beta == 0
+    _steps_equal_the_official_ones("lbgat", _official_lbgat_step)
 
 
 def test_recipes_are_each_methods_own_and_flags_override_them():
@@ -1099,6 +1261,111 @@ def test_recipes_are_each_methods_own_and_flags_override_them():
     assert all(resolved("--method", m).eval_eps == 8 / 255 for m in baselines.METHODS)  # AR-AT's evaluation protocol
 
 
+def _epoch_lrs(cfg):
+    """The lr of epochs 1..N: the lambda Run's scheduler applies to the resolved config."""
+    return [cfg.lr * arat.lr_schedule(cfg)(epoch) for epoch in range(cfg.epochs)]
+
+
+def _stepped(lr, epoch, thresholds):
+    """An official adjust_learning_rate of the "if epoch >= t: lr = base * 0.1 ** k" kind, 1-based epochs."""
+    return lr * 0.1 ** sum(epoch >= t for t in thresholds)
+
+
+def test_each_recipe_gives_the_lr_of_every_epoch_of_its_official_script():
+    # written from each official script, for its epochs 1..N
+    official = {
+        # MadryLab robustness's CIFAR defaults: StepLR(step_size=50, gamma=0.1) over 150 epochs
+        ("at", "resnet18"): [_stepped(0.1, e, (51, 101)) for e in range(1, 151)],
+        # yaodongyu/TRADES, train_trades_cifar10.py: 76 epochs, adjust_learning_rate (75, 90, 100)
+        ("trades", "wrn34"): [_stepped(0.1, e, (75, 90, 100)) for e in range(1, 77)],
+        # YisenWang/MART, train_resnet.py: 120 epochs at 0.01; train_wideresnet.py: 90 at 0.1 (75, 90, 100)
+        ("mart", "resnet18"): [_stepped(0.01, e, (75, 90, 100)) for e in range(1, 121)],
+        ("mart", "wrn34"): [_stepped(0.1, e, (75, 90, 100)) for e in range(1, 91)],
+        # dvlab-research/LBGAT, train_lbgat_cifar100.py: 100 epochs, epoch 1 at 0.02, then (76, 91, 101)
+        ("lbgat", "wrn34"): [0.02 if e == 1 else _stepped(0.1, e, (76, 91, 101)) for e in range(1, 101)],
+    }
+    for (method, arch), lrs in official.items():
+        assert _epoch_lrs(baselines.setup(baseline_args("--method", method, "--arch", arch))[0]) == pytest.approx(
+            lrs, rel=1e-12
+        ), (method, arch)
+    fields = ("epochs", "weight_decay", "trades_beta", "eps", "step_size", "attack_steps")
+    values = {  # the same scripts' other defaults (LBGAT's beta: sh/train_lbgat0_cifar100.sh)
+        ("mart", "resnet18"): (120, 3.5e-3, 5.0, 0.031, 0.007, 10),
+        ("mart", "wrn34"): (90, 7e-4, 6.0, 0.031, 0.007, 10),
+        ("lbgat", "resnet18"): (100, 2e-4, 0.0, 0.031, 0.007, 10),
+        ("trades", "resnet18"): (76, 2e-4, 6.0, 0.031, 0.007, 10),
+    }
+    for (method, arch), expected in values.items():
+        cfg = baselines.setup(baseline_args("--method", method, "--arch", arch))[0]
+        assert tuple(getattr(cfg, f) for f in fields) == expected, (method, arch)
+    for method, beta in {"trades": 6.0, "mart": 5.0, "lbgat": 0.0}.items():  # --recipe arat keeps the method
+        assert baselines.setup(baseline_args("--method", method, "--recipe", "arat"))[0].trades_beta == beta
+
+
+def test_shorter_runs_drop_the_lr_at_the_same_fractions_and_keep_one_warm_up_epoch():
+    at = baselines.setup(baseline_args("--method", "at", "--recipe", "arat", "--epochs", "10"))[0]
+    assert _epoch_lrs(at) == _epoch_lrs(arat.resolve(arat.parse_args(["--epochs", "10"])))
+    assert _epoch_lrs(at) == pytest.approx([0.1] * 8 + [0.01, 0.001], rel=1e-12)
+    lbgat = baselines.setup(baseline_args("--method", "lbgat", "--epochs", "10"))[0]
+    assert _epoch_lrs(lbgat) == pytest.approx([0.02] + [0.1] * 7 + [0.01, 0.001], rel=1e-12)
+    assert baselines.setup(baseline_args("--method", "at", "--epochs", "15"))[0].lr_drops == "5,10"
+    assert baselines.setup(baseline_args("--method", "at", "--lr-drops", "3"))[0].lr_drops == "3"  # given: kept
+
+
+def test_lbgat_teacher_is_the_official_resnet18_cifar_with_layer2_at_stride_1():
+    student = arat.build_model("resnet18", 10, split_bn=False)
+    teacher = baselines.lbgat_teacher(student, None)
+    sizes = {}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        teacher.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: sizes.__setitem__(n, o.shape[-1]))
+    assert teacher(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert list(sizes.values()) == [32, 32, 16, 8]  # models/resnetcifar.py; arat.py's ResNet-18: 32/16/8/4
+    assert sum(p.numel() for p in teacher.parameters()) == 11_173_962
+    assert not any(isinstance(m, arat.SplitBatchNorm2d) for m in teacher.modules())
+
+
+def test_fp16_mart_and_at_attacks_scale_their_loss_and_take_full_steps():
+    # the confident classifier of test_fp16_attack_gradients_do_not_vanish: unscaled fp16 input gradients are zeros
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[0.005], [-0.005]]).expand(2, 4 * 8 * 8))
+        model[2].bias.copy_(torch.tensor([14.0, 0.0]))
+    x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    cfg = types.SimpleNamespace(eps=8 / 255, step_size=2 / 255, attack_steps=1, norm="linf", attack_mode="eval")
+    for attack in (baselines.mart_attack, baselines.at_attack):
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, x_adv = attack(model, None, x, y, cfg)
+        assert (x_adv - x).abs().mean() > 1.5 / 255, attack.__name__  # a stalled step stays near its start
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--official-quirks"], "--official-quirks: reproduces AR-AT's released code; arat.py only"),
+        (["--gamma", "30"], "--gamma: an AR-AT flag, which --method trades does not take"),
+        (["--variant", "v1"], "--variant: an AR-AT flag"),
+        (["--no-split-bn", "--method", "asym-trades"], "--no-split-bn: an AR-AT flag"),
+        (["--predictor"], "--predictor: an AR-AT flag"),
+        (["--layers", "layer4"], "--layers: an AR-AT flag"),
+        (["--no-stop-grad"], "--no-stop-grad: an AR-AT flag"),
+        (["--method", "mart", "--beta", "0.5"], "--beta: an AR-AT flag, which --method mart does not take"),
+    ],
+)
+def test_ar_at_only_flags_and_official_quirks_are_refused_by_baselines(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        arat.main(baseline_args(*flags), baselines.setup, "baselines.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"baselines.py: error: {message}") and err.count("\n") == 1
+    cfg = baselines.setup(baseline_args("--method", "asym-trades", "--no-auto-balance", "--alpha", "0.5"))[0]
+    assert (cfg.alpha, cfg.beta) == (0.5, 1.0)  # Asym-TRADES weighs alpha and beta: they are its flags
+
+
+def test_baselines_help_describes_baselines_py():
+    out = subprocess.run([sys.executable, "baselines.py", "--help"], capture_output=True, text=True, check=True).stdout
+    assert baselines.__doc__.split("\n\n")[0] in out and arat.__doc__.split("\n\n")[0] not in out
+
+
 @pytest.mark.parametrize("method", list(baselines.METHODS))
 def test_each_baseline_trains_two_steps_and_writes_all_outputs(method, tiny, tmp_path):
     args = baseline_args("--dataset", str(tiny), "--out", str(tmp_path / method), *FAST.split(), "--method", method)
@@ -1109,6 +1376,17 @@ def test_each_baseline_trains_two_steps_and_writes_all_outputs(method, tiny, tmp
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert (len(ckpt["extra"]) > 0) == (method == "lbgat")  # LBGAT's teacher is saved with the model
     assert ckpt["config"]["method"] == method
+
+
+@pytest.mark.parametrize("method", ["trades", "asym-trades"])
+def test_baseline_logs_name_each_methods_own_terms_and_measure_grad_sim(method, tiny, tmp_path):
+    flags = ("--method", method, "--grad-sim-every", "1", "--max-steps", "2")
+    arat.main(baseline_args("--dataset", str(tiny), "--out", str(tmp_path), *FAST.split(), *flags), baselines.setup)
+    rec = read_log(tmp_path)[-1]
+    own = {"trades": {"ce_clean", "kl"}, "asym-trades": {"ce_adv", "ce_clean", "kl"}}[method]
+    assert own <= rec.keys() and "inv" not in rec and -1 <= rec["grad_sim"] <= 1  # Fig. 11: TRADES's own two terms
+    weights = {"alpha", "beta", "balance_acc"} & rec.keys()  # only Asym-TRADES weighs its CE terms by Eq. 8
+    assert weights == ({"alpha", "beta", "balance_acc"} if method == "asym-trades" else set())
 
 
 def test_a_baselines_checkpoint_evaluates_with_arat_eval_only(tiny, tmp_path):
