@@ -565,12 +565,9 @@ def resolve(cfg: Config, label=method_label) -> Config:
     if cfg.amp == "fp16" and device == "cpu":  # emulated there: a step took ~9x as long as in native bf16
         faster = "bf16" if bf16_supported("cpu") else "off"
         raise ConfigError(f"--amp fp16: a CPU emulates fp16, which makes every step far slower; use --amp {faster}")
-    for flag in ("eps", "eval_eps"):
-        value = getattr(cfg, flag)
+    for flag, value in (("--eps", cfg.eps), ("--eval-eps", cfg.eval_eps)):
         if cfg.norm == "linf" and value is not None and value >= 1:  # inputs are in [0, 1]: 8 meant 8/255
-            raise ConfigError(
-                f"--{flag.replace('_', '-')}: an L-inf budget of {value:g} spans all of [0, 1]; try 8/255"
-            )
+            raise ConfigError(f"{flag}: an L-inf budget of {value:g} spans all of [0, 1]; try 8/255")
 
     switches = zip((cfg.stop_grad, cfg.predictor, cfg.split_bn), VARIANTS[cfg.variant])
     sg, pred, split = (default if given is None else given for given, default in switches)
@@ -1095,7 +1092,8 @@ class Run:
     def resumable(self):
         """--resume, checked before any work: last.pt, read whole; the script and the flags it was trained with; a
         finished run is left as it is. Paths compare by what they point to: a run folder may be moved or copied."""
-        path, cfg = self.out / "last.pt", self.cfg
+        cfg = self.cfg
+        path = self.out / "last.pt"
         ckpt = load_file(path, "--resume", self.device)
         saved = ckpt.get("config", {})
         if ("method" in saved) != hasattr(cfg, "method"):  # baselines.py's configs name their method
@@ -1110,10 +1108,8 @@ class Run:
                 k = k.replace("_", "-")
                 raise ConfigError(f"--resume: {path} was trained with --{k} {v}, not {now}; resume with the same flags")
         done = ckpt["epoch"] >= cfg.epochs or ckpt["step"] >= (cfg.max_steps or math.inf)
-        if done and (self.out / "metrics.json").exists():
-            raise RunFinished(
-                f"this run has finished ({self.out / 'metrics.json'}); use --eval-only to evaluate it again"
-            )
+        if done and (metrics := self.out / "metrics.json").exists():
+            raise RunFinished(f"this run has finished ({metrics}); use --eval-only to evaluate it again")
         return ckpt
 
     def load(self, ckpt):
@@ -1225,18 +1221,12 @@ class Run:
         phases = [list(p) for _, p in itertools.groupby(range(cfg.epochs), factor)]
         spans = [f"epoch {p[0] + 1}" if len(p) == 1 else f"epochs {p[0] + 1}-{p[-1] + 1}" for p in phases]
         lr = ", ".join(f"{cfg.lr * factor(p[0]):.3g} ({span})" for p, span in zip(phases, spans))
-        eps = [
-            f"{v * 255:.4g}/255" if cfg.norm == "linf" else f"{v:.4g}" for v in (cfg.eps, cfg.step_size, cfg.eval_eps)
-        ]
+        eps = [f"{v * 255:.4g}/255" if cfg.norm == "linf" else f"{v:.4g}" for v in (cfg.eps, cfg.step_size)]
         data = f"{cfg.dataset} ({len(self.train_idx)} training images, {self.classes} classes)"
-        compiled = ", compiled" if cfg.compile else ""
         sgd = f"{cfg.epochs} epochs, batch {cfg.batch_size}, momentum {cfg.momentum}, weight decay {cfg.weight_decay}"
-        attack = f"PGD-{cfg.attack_steps} {cfg.norm} eps {eps[0]} step {eps[1]}"
-        tested = f"PGD-{cfg.eval_steps} at eps {eps[2]} on {len(self.test_idx)} test images"
-        return (
-            f"{self.label}: {cfg.arch} on {data}\ndevice {self.device}, precision {cfg.amp}{compiled}\nSGD: {sgd}\n"
-            f"lr {lr}\nattack: {attack}, tested by {tested}\nout: {self.out} (the full config: config.json)"
-        )
+        lines = [f"{self.label}: {cfg.arch} on {data}", f"device {self.device}, precision {cfg.amp}", f"SGD: {sgd}"]
+        lines += [f"lr {lr}", f"attack: PGD-{cfg.attack_steps} {cfg.norm} eps {eps[0]} step {eps[1]}"]
+        return "\n".join(lines + [f"out: {self.out} (the full config: config.json)"])
 
     @contextlib.contextmanager
     def ctrl_c(self):
