@@ -694,8 +694,13 @@ class Images:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed or 0),  # worker seeds come from it, not from the global RNG
+            worker_init_fn=_ignore_ctrl_c,  # a terminal's Ctrl-C reaches the workers too: training decides when to stop
         )
         return ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in loader)
+
+
+def _ignore_ctrl_c(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_data(cfg: Config, device):
@@ -1101,7 +1106,7 @@ class Run:
             raise ConfigError(f"--resume: {path} was trained by {script}: resume it with that command")
         for k, v in saved.items():
             now = getattr(cfg, k, v)
-            if k in ("dataset", "checkpoint") and now and v and (Path(now).exists() or Path(v).exists()):
+            if k in ("dataset", "checkpoint") and now and v:
                 now = Path(now).resolve()
                 v = Path(v).resolve()
             if k not in RESUMABLE and now != v:

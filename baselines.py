@@ -179,7 +179,7 @@ def setup(cfg: BaselineConfig):
     arat._one_of("--recipe", cfg.recipe, ["official", "arat"])
     asym = cfg.method == "asym-trades"
     recipe = dict(RECIPES["arat" if cfg.recipe == "arat" or asym else cfg.method])
-    recipe |= {"trades_beta": 5.0} if cfg.method == "mart" and cfg.arch == "resnet18" else {}  # MART's ResNet-18
+    recipe |= {"trades_beta": 5.0} if cfg.method == "mart" and cfg.arch in (None, "resnet18") else {}  # MART, ResNet-18
     recipe |= {"lr": 0.01} if cfg.method == "lbgat" and cfg.dataset == "imagenette" else {}  # Table 4: 0.1 diverged
     if cfg.norm == "l2":  # the recipes' budgets are L-inf ones; L2 keeps arat.py's (0.5, step 0.125)
         recipe = {k: v for k, v in recipe.items() if k not in ("eps", "step_size")}
