@@ -661,9 +661,13 @@ class TensorImages:
     def batches(self, index_batches, seed=None):
         """The given batches; augmented when `seed` is given (Sec. 4: random crop after 4 px zero padding, flip)."""
         if seed is not None:
-            g, n, device = torch.Generator().manual_seed(seed), len(self.targets), self.x.device
-            shift, flip = torch.randint(0, 9, (n, 2), generator=g).to(device), torch.rand(n, generator=g).to(device)
-            span, channel = torch.arange(self.x.shape[-1], device=device), torch.arange(3, device=device)[:, None, None]
+            g = torch.Generator().manual_seed(seed)
+            n = len(self.targets)
+            device = self.x.device
+            shift = torch.randint(0, 9, (n, 2), generator=g).to(device)
+            flip = torch.rand(n, generator=g).to(device)
+            span = torch.arange(self.x.shape[-1], device=device)
+            channel = torch.arange(3, device=device)[:, None, None]
         for idx in index_batches:
             idx = idx.to(self.x.device)
             x = self.x[idx]
@@ -681,7 +685,8 @@ class Images:
     Imagenette 128 px crops of the 160 px images, as released), evaluation the centre crop: nothing is resized."""
 
     def __init__(self, dataset, size, workers, device):
-        self.plain, self.augmented = dataset, copy.copy(dataset)
+        self.plain = dataset
+        self.augmented = copy.copy(dataset)
         self.plain.transform = T.Compose([T.CenterCrop(size), T.ToTensor()])
         self.augmented.transform = T.Compose([T.RandomCrop(size, 4, True), T.RandomHorizontalFlip(), T.ToTensor()])
         self.targets, self.classes, self.workers, self.device = dataset.targets, dataset.classes, workers, device
@@ -983,7 +988,8 @@ class Trainee(nn.Module):
 def _distributed(cfg: Config):
     """(rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: a process per GPU (NCCL), or per
     CPU worker (gloo); --batch-size stays the global batch."""
-    world, device = int(os.environ.get("WORLD_SIZE", "1")), torch.device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(cfg.device)
     if world == 1:
         return 0, 1, device
     if cfg.official_quirks or cfg.batch_size % world:
@@ -1001,10 +1007,14 @@ def _global_batch_norm(bn, group, x):
     processes compute what one would, attack steps included; nn.SyncBatchNorm does the same on GPUs only."""
     if not (bn.training and dist.is_initialized()):
         return type(bn).forward(bn, x)
-    dims, c, xf = [0, *range(2, x.dim())], x.shape[1], x.to(torch.promote_types(x.dtype, torch.float32))
-    shape, count = (1, c, *[1] * (x.dim() - 2)), torch.full((1,), x.numel() / c, dtype=xf.dtype, device=x.device)
+    dims = [0, *range(2, x.dim())]
+    c = x.shape[1]
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    shape = (1, c, *[1] * (x.dim() - 2))
+    count = torch.full((1,), x.numel() / c, dtype=xf.dtype, device=x.device)
     sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]), group=group)
-    n, mean = sums[-1], sums[:c] / sums[-1]
+    n = sums[-1]
+    mean = sums[:c] / n
     var = dist_nn.all_reduce((xf - mean.view(shape)).square().sum(dims), group=group) / n  # two passes, as BN does
     with torch.no_grad():
         bn.num_batches_tracked += 1
