@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import resource
 import signal
@@ -924,8 +925,8 @@ def save_checkpoint(state: dict, path: Path):
 def load_file(path, flag="--checkpoint", device="cpu"):
     """A saved dict; a missing, truncated or corrupt file is one line of error."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False, mmap=True)
-    except (OSError, RuntimeError, EOFError) as e:
+        ckpt = torch.load(path, map_location=device, weights_only=False, mmap=str(device) == "cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ConfigError(f"{flag}: cannot read {path} ({e})") from None
     if not isinstance(ckpt, dict):
         raise ConfigError(f"{flag}: {path} holds a {type(ckpt).__name__}, not a checkpoint")
