@@ -27,8 +27,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -456,7 +458,7 @@ class Config:
 
     dataset: str | None = arg(None, "cifar10 | cifar100 | imagenette | a folder with train/ and val/ class folders; "
                               "default cifar10, or the checkpoint's with --eval-only", "experiment")  # fmt: skip
-    arch: str = arg("resnet18", "resnet18 | preact18 | wrn34 (Sec. 4, Appendix E)")
+    arch: str | None = arg(None, "resnet18 | preact18 | wrn34 (Sec. 4, Appendix E); default resnet18")
     out: str | None = arg(None, "output folder; default runs/<dataset>-<arch>-<method>-s<seed>")
     seed: int = arg(0, "seeds data order, augmentation, initialisation and attacks")
     resume: bool = arg(False, "continue the run in --out from its last.pt")
@@ -525,9 +527,10 @@ URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         "imagenette": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"}  # 9,469 train / 3,925 val
 CIFAR = ("cifar10", "cifar100")
-# Flags that may differ when a run is resumed; any other difference from the checkpoint's config is refused.
-RESUMABLE = {"resume", "device", "workers", "log_every", "max_steps", "eval_every", "eval_n", "aa_n", "data_dir",
-             "download", "grad_sim_every", "bn_stats", "tensorboard", "export", "compile", "channels_last", "benchmark"}
+# Flags that may differ when a run is resumed (--out is where the run is now); any other difference is refused.
+RESUMABLE = {"resume", "out", "device", "workers", "log_every", "max_steps", "eval_every", "eval_n", "aa_n",
+             "data_dir", "download", "grad_sim_every", "bn_stats", "tensorboard", "export", "compile", "channels_last",
+             "benchmark"}
 # fmt: on
 
 
@@ -551,8 +554,13 @@ def resolve(cfg: Config, label=method_label) -> Config:
     if cfg.eval_only and cfg.benchmark:
         raise ConfigError("--benchmark: times training steps, so it cannot run with --eval-only")
     saved = read_checkpoint(cfg.checkpoint)[1] if cfg.eval_only else {}  # what the model was trained with
-    dataset, norm = cfg.dataset or saved.get("dataset", "cifar10"), cfg.norm or saved.get("norm", "linf")
-    cfg = dataclasses.replace(cfg, dataset=dataset, norm=norm, arch=saved.get("arch", cfg.arch))
+    if cfg.eval_only and not cfg.dataset and "dataset" not in saved:
+        raise ConfigError(f"--dataset: {cfg.checkpoint} is an exported model, which does not say: give its dataset")
+    if cfg.eval_only and cfg.arch not in (None, saved["arch"]):
+        raise ConfigError(f"--arch: {cfg.checkpoint} holds a {saved['arch']}, not a {cfg.arch}; leave --arch out")
+    dataset = cfg.dataset or saved.get("dataset", "cifar10")
+    norm = cfg.norm or saved.get("norm", "linf")
+    cfg = dataclasses.replace(cfg, dataset=dataset, norm=norm, arch=saved.get("arch", cfg.arch or "resnet18"))
     for name, choices in CHOICES.items():
         if getattr(cfg, name) is not None:
             _one_of("--" + name.replace("_", "-"), getattr(cfg, name), list(choices))
@@ -573,6 +581,12 @@ def resolve(cfg: Config, label=method_label) -> Config:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device: {device!r} is not available here (cpu, or cuda, cuda:1 ... on a GPU machine)")
+    if cfg.amp == "fp16" and device == "cpu":  # emulated there: a step took ~9x as long as in native bf16
+        faster = "bf16" if bf16_supported("cpu") else "off"
+        raise ConfigError(f"--amp fp16: a CPU emulates fp16, which makes every step far slower; use --amp {faster}")
+    for flag, value in (("--eps", cfg.eps), ("--eval-eps", cfg.eval_eps)):
+        if cfg.norm == "linf" and value is not None and value >= 1:  # inputs are in [0, 1]: 8 meant 8/255
+            raise ConfigError(f"{flag}: an L-inf budget of {value:g} spans all of [0, 1]; try 8/255")
 
     switches = zip((cfg.stop_grad, cfg.predictor, cfg.split_bn), VARIANTS[cfg.variant])
     sg, pred, split = (default if given is None else given for given, default in switches)
@@ -580,14 +594,16 @@ def resolve(cfg: Config, label=method_label) -> Config:
     layers = ARCHS[cfg.arch][1] if cfg.layers is None else [n.strip() for n in cfg.layers.split(",") if n.strip()]
     if gamma > 0 and not layers:
         raise ConfigError("--layers: give at least one module name, or --gamma 0 for no invariance term")
-    alpha, beta = (1.0 if w is None else w for w in (cfg.alpha, cfg.beta))  # fixed weights: 1 and 1 (Table 6)
+    alpha = 1.0 if cfg.alpha is None else cfg.alpha  # fixed weights: 1 and 1 (Table 6)
+    beta = 1.0 if cfg.beta is None else cfg.beta
     cfg = dataclasses.replace(cfg, stop_grad=sg, predictor=pred, split_bn=saved.get("split_bn", split), alpha=alpha)
     cfg = dataclasses.replace(cfg, beta=beta, gamma=gamma, layers=",".join(layers) if gamma > 0 else "")  # 0: plain AT
     eps, step = THREATS[cfg.norm]
     cfg = dataclasses.replace(cfg, eps=cfg.eps or eps, step_size=cfg.step_size or step, eval_eps=cfg.eval_eps or eps)
     amp = "bf16" if bf16_supported(device.split(":")[0]) and not cfg.official_quirks else "off"  # released: fp32
     mode = "train" if cfg.norm == "linf" else "eval"  # as released (torchattacks' L2 attack runs in eval mode)
-    drops, swa_start = f"{round(0.75 * cfg.epochs)},{round(0.9 * cfg.epochs)}", max(1, round(0.76 * cfg.epochs))
+    drops = f"{round(0.75 * cfg.epochs)},{round(0.9 * cfg.epochs)}"
+    swa_start = max(1, round(0.76 * cfg.epochs))
     cfg = dataclasses.replace(cfg, eval_step_size=cfg.eval_step_size or step, device=device, amp=cfg.amp or amp)
     # NHWC speeds convolutions up (tensor cores; CPU: AR-AT step 6% faster in bf16, 9% in fp32), but on a CPU in fp32
     # it changes their rounding, and fp32 on a CPU is where a training step equals the released code's bit for bit.
@@ -598,9 +614,15 @@ def resolve(cfg: Config, label=method_label) -> Config:
     size = cfg.image_size or saved.get("image_size") or size or _folder_image_size(Path(cfg.dataset))
     workers = min(4, len(os.sched_getaffinity(0))) if cfg.workers is None else cfg.workers
     cfg = dataclasses.replace(cfg, image_size=size, workers=workers, swa_start=cfg.swa_start or swa_start)
-    ckpt, name = Path(cfg.checkpoint or "."), Path(cfg.dataset).name
-    out = ckpt.parent / f"eval-{ckpt.stem}" if cfg.eval_only else f"runs/{name}-{cfg.arch}-{label(cfg)}-s{cfg.seed}"
-    return dataclasses.replace(cfg, out=cfg.out or str(out))
+    ckpt = Path(cfg.checkpoint or ".")
+    name = f"runs/{Path(cfg.dataset).name}-{cfg.arch}-{label(cfg)}-s{cfg.seed}"
+    out = Path(cfg.out or (ckpt.parent / f"eval-{ckpt.stem}" if cfg.eval_only else name))
+    outputs = {"--out": out} | ({"--export": Path(cfg.export).absolute().parent} if cfg.export else {})
+    for flag, folder in outputs.items():
+        existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # made when written
+        if not existing.is_dir() or not os.access(existing, os.W_OK):  # refused now, not after hours of training
+            raise ConfigError(f"{flag}: cannot write in {folder}: {existing} is not a folder this process can write in")
+    return dataclasses.replace(cfg, out=str(out))
 
 
 def bf16_supported(device_type):
@@ -626,7 +648,8 @@ def _number(text):
 
 def parse_args(argv=None, config=Config, prog="arat.py", description=__doc__.split("\n\n")[0]) -> Config:
     """A flag per field of `config` (Config or a subclass), with the field's own type, default, help and group."""
-    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter)
+    # only full flag names: --epoch must not silently mean --epochs
+    parser = _Parser(prog, description=description, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False)
     hints, group = typing.get_type_hints(config), parser  # types also where annotations are strings
     for f in dataclasses.fields(config):
         if "help" not in f.metadata:  # no field may be without its flag
@@ -657,9 +680,13 @@ class TensorImages:
     def batches(self, index_batches, seed=None):
         """The given batches; augmented when `seed` is given (Sec. 4: random crop after 4 px zero padding, flip)."""
         if seed is not None:
-            g, n, device = torch.Generator().manual_seed(seed), len(self.targets), self.x.device
-            shift, flip = torch.randint(0, 9, (n, 2), generator=g).to(device), torch.rand(n, generator=g).to(device)
-            span, channel = torch.arange(self.x.shape[-1], device=device), torch.arange(3, device=device)[:, None, None]
+            g = torch.Generator().manual_seed(seed)
+            n = len(self.targets)
+            device = self.x.device
+            shift = torch.randint(0, 9, (n, 2), generator=g).to(device)
+            flip = torch.rand(n, generator=g).to(device)
+            span = torch.arange(self.x.shape[-1], device=device)
+            channel = torch.arange(3, device=device)[:, None, None]
         for idx in index_batches:
             idx = idx.to(self.x.device)
             x = self.x[idx]
@@ -677,7 +704,8 @@ class Images:
     Imagenette 128 px crops of the 160 px images, as released), evaluation the centre crop: nothing is resized."""
 
     def __init__(self, dataset, size, workers, device):
-        self.plain, self.augmented = dataset, copy.copy(dataset)
+        self.plain = dataset
+        self.augmented = copy.copy(dataset)
         self.plain.transform = T.Compose([T.CenterCrop(size), T.ToTensor()])
         self.augmented.transform = T.Compose([T.RandomCrop(size, 4, True), T.RandomHorizontalFlip(), T.ToTensor()])
         self.targets, self.classes, self.workers, self.device = dataset.targets, dataset.classes, workers, device
@@ -690,8 +718,13 @@ class Images:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed or 0),  # worker seeds come from it, not from the global RNG
+            worker_init_fn=_ignore_ctrl_c,  # a terminal's Ctrl-C reaches the workers too: training decides when to stop
         )
         return ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in loader)
+
+
+def _ignore_ctrl_c(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_data(cfg: Config, device):
@@ -768,6 +801,10 @@ class EvaluationError(RuntimeError):
     reveals a bug or gradient masking: the run stops rather than report the number."""
 
 
+class RunFinished(Exception):
+    """--resume of a run with nothing left to do: one line, exit code 0, nothing overwritten."""
+
+
 def _check_ball(x_adv, x, eps, norm, attack):
     dist = (x_adv - x).flatten(1)
     dist = (dist.abs().amax(1) if norm == "linf" else dist.norm(dim=1)).max().item()
@@ -779,7 +816,9 @@ def evaluate(model, data, indices, cfg: Config, branch="main", attack=True, seed
     """Percent correct in eval mode through the main BNs (inference, Sec. 3.3) or the auxiliary ones (Table 8); with
     `attack` also under PGD at the evaluation budget, each example checked to lie in its ball, and the mean cosine
     similarity of clean and adversarial penultimate features (Table 5). `seed` augments the images."""
-    tap, batches, start = FeatureTap(model, [ARCHS[cfg.arch][2]]), index_batches(indices, cfg.batch_size), time.time()
+    tap = FeatureTap(model, [ARCHS[cfg.arch][2]])
+    batches = index_batches(indices, cfg.batch_size)
+    start = time.time()
     device = next(model.parameters()).device
     sums = torch.zeros(3, device=device)  # clean correct, PGD correct, cosine
     try:  # PGD's random starts from an RNG of their own: the same figures whenever it runs, and training unaffected
@@ -795,8 +834,8 @@ def evaluate(model, data, indices, cfg: Config, branch="main", attack=True, seed
                     with torch.no_grad(), bn_branch(model, branch), tap.capture() as z_adv:
                         sums[1] += (model(x_adv).argmax(1) == y).sum()
                     sums[2] += F.cosine_similarity(*(f[tap.names[0]].float() for f in (z, z_adv))).sum()
-                if label and (i % max(1, len(batches) // 10) == 0 or i == len(batches)):
-                    print(f"{label} ({branch} BNs): batch {i}/{len(batches)} | {eta(start, i, len(batches) - i)}")
+                if label:
+                    progress(f"{label} ({branch} BNs): batch", i, len(batches), start)
     finally:
         tap.remove()
     clean, robust, cos = (100 * v / max(len(indices), 1) for v in sums.tolist())
@@ -808,22 +847,36 @@ def evaluate(model, data, indices, cfg: Config, branch="main", attack=True, seed
     return {"clean": clean} | ({"robust": robust, "cos": cos / 100} if attack else {})
 
 
-def autoattack(model, data, indices, cfg: Config):
+def autoattack(model, data, indices, cfg: Config, every=30.0):
     """Standard AutoAttack (Croce & Hein, 2020), eval mode, main BNs, fp32: the original package (`autoattack`) if
     installed, else its PyPI repackaging `pyautoattack` (keyword-only API). The record keeps the robust accuracy after
-    each of the four attacks: a large drop after APGD-CE alone is the classic sign of gradient masking."""
+    each of the four attacks: a large drop after APGD-CE alone is the classic sign of gradient masking. Both packages
+    print a line after each attack; inside one, a line every `every` seconds says it is at work."""
     try:
         import autoattack as package
     except ImportError:
         import pyautoattack as package
     x, y = (torch.cat(t) for t in zip(*data.batches(index_batches(indices, cfg.batch_size))))
     settings = {"norm": cfg.norm.capitalize(), "eps": cfg.eval_eps, "seed": cfg.seed, "version": "standard"}
-    log, path = logging.getLogger("auto-attack"), Path(cfg.out) / "autoattack.log"  # pyautoattack logs here
+    log = logging.getLogger("auto-attack")  # pyautoattack logs here
+    path = Path(cfg.out) / "autoattack.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handlers, level = [logging.FileHandler(path, "w"), logging.StreamHandler(sys.stdout)], log.level
+    handlers = [logging.FileHandler(path, "w"), logging.StreamHandler(sys.stdout)]
+    level = log.level
     for handler in handlers:
         log.addHandler(handler)
     log.setLevel(logging.DEBUG)
+    seen = {"images": 0, "shown": time.time()}
+    start = time.time()
+
+    def tick(module, inputs, output):
+        seen["images"] += len(inputs[0])
+        if time.time() - seen["shown"] >= every:
+            seen["shown"] = time.time()
+            elapsed = time.time() - start
+            print(f"AutoAttack: {seen['images']} images through the model in {elapsed:.0f} s", flush=True)
+
+    hook = model.register_forward_hook(tick)
     try:
         with train_mode(model, False):
             if package.__name__ == "autoattack":  # it prints its progress and appends the same lines to log_path
@@ -833,6 +886,7 @@ def autoattack(model, data, indices, cfg: Config):
                 adversary = package.AutoAttack(model, device=x.device, **settings)
                 x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=cfg.batch_size)
     finally:
+        hook.remove()
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
@@ -857,8 +911,10 @@ def reestimate_bn(model, data, indices, cfg: Config, autocast):
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
+    batches = index_batches(indices, cfg.batch_size, cfg.seed)
+    start = time.time()
     with train_mode(model, True), autocast():
-        for x, y in data.batches(index_batches(indices, cfg.batch_size, cfg.seed), cfg.seed):
+        for i, (x, y) in enumerate(data.batches(batches, cfg.seed), 1):
             for m in bns:
                 m.track_running_stats = False  # batch statistics, no update
             x_adv = pgd(model, x, y, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.norm)
@@ -868,6 +924,7 @@ def reestimate_bn(model, data, indices, cfg: Config, autocast):
                 model(x)
             with torch.no_grad():
                 model(x_adv)
+            progress("SWA BN statistics: batch", i, len(batches), start)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     return model.eval()
@@ -883,15 +940,23 @@ def save_checkpoint(state: dict, path: Path):
     os.replace(tmp, path)
 
 
+def load_file(path, flag="--checkpoint", device="cpu"):
+    """A saved dict; a missing, truncated or corrupt file is one line of error."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False, mmap=str(device) == "cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"{flag}: cannot read {path} ({e})") from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{flag}: {path} holds a {type(ckpt).__name__}, not a checkpoint")
+    return ckpt
+
+
 def read_checkpoint(path):
     """(model state_dict, settings) of last.pt, best.pt, swa.pt, a baselines.py checkpoint or an exported model."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ConfigError(f"--checkpoint: cannot read {path} ({e})") from None
+    ckpt = load_file(path)
     if "model" in ckpt and "config" in ckpt:
         settings = {k: ckpt["config"][k] for k in ("arch", "split_bn", "image_size", "dataset", "norm")}
-        return ckpt["model"], settings | {"num_classes": ckpt["num_classes"]}
+        return ckpt["model"], settings | {"num_classes": ckpt["num_classes"], "epoch": ckpt.get("epoch")}
     classes = ckpt["fc.weight"].shape[0] if torch.is_tensor(ckpt.get("fc.weight")) else 0
     for arch in ARCHS:  # an exported model: the architecture with the same state_dict keys and shapes
         with torch.device("meta"):
@@ -918,6 +983,12 @@ def eta(start, done, left):
     return f"{done / max(elapsed, 1e-9):.2f} it/s | ETA {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def progress(what, i, n, start):
+    """A progress line after each tenth of a pass of n items, and after the last."""
+    if i % max(1, n // 10) == 0 or i == n:
+        print(f"{what} {i}/{n} | {eta(start, i, n - i)}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------------------------ Run
 
 
@@ -936,7 +1007,8 @@ class Trainee(nn.Module):
 def _distributed(cfg: Config):
     """(rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: a process per GPU (NCCL), or per
     CPU worker (gloo); --batch-size stays the global batch."""
-    world, device = int(os.environ.get("WORLD_SIZE", "1")), torch.device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(cfg.device)
     if world == 1:
         return 0, 1, device
     if cfg.official_quirks or cfg.batch_size % world:
@@ -954,10 +1026,14 @@ def _global_batch_norm(bn, group, x):
     processes compute what one would, attack steps included; nn.SyncBatchNorm does the same on GPUs only."""
     if not (bn.training and dist.is_initialized()):
         return type(bn).forward(bn, x)
-    dims, c, xf = [0, *range(2, x.dim())], x.shape[1], x.to(torch.promote_types(x.dtype, torch.float32))
-    shape, count = (1, c, *[1] * (x.dim() - 2)), torch.full((1,), x.numel() / c, dtype=xf.dtype, device=x.device)
+    dims = [0, *range(2, x.dim())]
+    c = x.shape[1]
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    shape = (1, c, *[1] * (x.dim() - 2))
+    count = torch.full((1,), x.numel() / c, dtype=xf.dtype, device=x.device)
     sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]), group=group)
-    n, mean = sums[-1], sums[:c] / sums[-1]
+    n = sums[-1]
+    mean = sums[:c] / n
     var = dist_nn.all_reduce((xf - mean.view(shape)).square().sum(dims), group=group) / n  # two passes, as BN does
     with torch.no_grad():
         bn.num_batches_tracked += 1
@@ -971,7 +1047,8 @@ class Run:
     """One run of a method (AR-AT, or one of baselines.py's) from a resolved Config: `train`, then `report`. With
     --eval-only it holds the checkpoint's model alone."""
 
-    POSITION = ("epoch", "step", "batch", "history", "best")  # where training is: last.pt holds it with every part
+    # Where training is: last.pt holds it with every part; `partial`: the sums of an epoch cut short, for its record
+    POSITION = ("epoch", "step", "batch", "history", "best", "partial")
 
     def __init__(self, cfg: Config, method: Method = ARAT, label="v3"):
         self.cfg, self.method, self.label, self.out = cfg, method, label, Path(cfg.out)
@@ -981,9 +1058,13 @@ class Run:
             if cfg.resume:
                 raise ConfigError(f"--resume: there is no checkpoint at {self.out / 'last.pt'}")
             raise ConfigError(f"--out: {self.out} already holds a run; add --resume to continue it, or choose another")
+        resumed = self.resumable() if cfg.resume and not cfg.eval_only else None
         self.train_set, self.test_set, self.classes = load_data(cfg, self.device)
         if cfg.aa_n and self.classes < 10:
             raise ConfigError(f"--aa-n: standard AutoAttack needs at least 10 classes (9 targets), not {self.classes}")
+        for flag, n in (("--eval-n", cfg.eval_n), ("--aa-n", cfg.aa_n)):
+            if n and n > len(self.test_set.targets):
+                print(f"{flag}: the test set has {len(self.test_set.targets)} images, not {n}: all are evaluated")
         self.test_idx = eval_indices(cfg, self.test_set, cfg.eval_n)
         self.val_idx = balanced_order(self.train_set.targets)[: cfg.val_n]  # the same images whatever --seed
         self.train_idx = sorted(set(range(len(self.train_set.targets))) - set(self.val_idx))
@@ -993,14 +1074,22 @@ class Run:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=dtype, enabled=dtype is not None)
         self.model = build_model(cfg.arch, self.classes, cfg.split_bn).to(self.device)
-        self.swa = self.best = self.writer = None
-        self.epoch = self.step = self.batch = 0  # finished epochs, optimiser steps, batches done in the epoch
+        self.swa = None
+        self.best = None
+        self.writer = None
+        self.epoch = 0  # finished epochs
+        self.step = 0  # optimiser steps
+        self.batch = 0  # batches done in the epoch
         self.history = []  # the per-epoch records: log.jsonl
+        self.partial = {"sums": {}, "counts": {}}
+        self.stopping = False  # set by Ctrl-C: training ends after the current step
         if cfg.eval_only:
             state, saved = read_checkpoint(cfg.checkpoint)
             if saved["num_classes"] != self.classes:
                 raise ConfigError(f"--dataset: {cfg.dataset} has {self.classes} classes, not {saved['num_classes']}")
             self.model.load_state_dict(state)
+            trained = f", trained to epoch {saved['epoch']}" if saved.get("epoch") is not None else ""
+            print(f"loaded {cfg.checkpoint}: {cfg.arch}, {self.classes} classes{trained}", flush=True)
             return
         self.extra = method.extra(self.model, cfg).to(self.device)
         if self.device.type == "cuda":
@@ -1021,8 +1110,8 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.swa = torch.optim.swa_utils.AveragedModel(self.model) if cfg.swa else None  # equal weights
         self.weights = [m.weight for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # Grad-sim
-        if cfg.resume:
-            self.load(self.out / "last.pt")
+        if resumed is not None:
+            self.load(resumed)
 
     def parts(self):
         names = ("model", "extra", "optimizer", "scheduler", "scaler") + (("swa",) if self.swa else ())
@@ -1032,18 +1121,37 @@ class Run:
         """A checkpoint --eval-only can rebuild the model from: its weights, the config and the number of classes."""
         return {"model": net.state_dict(), "config": dataclasses.asdict(self.cfg), "num_classes": self.classes} | more
 
-    def load(self, path):
-        """--resume: every part (the SWA average too), the RNGs, and the position in training (inside an epoch after
-        --max-steps)."""
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        for k, v in ckpt["config"].items():
-            if k not in RESUMABLE and getattr(self.cfg, k, v) != v:
-                now, k = getattr(self.cfg, k), k.replace("_", "-")
+    def resumable(self):
+        """--resume, checked before any work: last.pt, read whole; the script and the flags it was trained with; a
+        finished run is left as it is. Paths compare by what they point to: a run folder may be moved or copied."""
+        cfg = self.cfg
+        path = self.out / "last.pt"
+        ckpt = load_file(path, "--resume", self.device)
+        saved = ckpt.get("config", {})
+        if ("method" in saved) != hasattr(cfg, "method"):  # baselines.py's configs name their method
+            script = f"baselines.py --method {saved['method']}" if "method" in saved else "arat.py"
+            raise ConfigError(f"--resume: {path} was trained by {script}: resume it with that command")
+        for k, v in saved.items():
+            now = getattr(cfg, k, v)
+            if k in ("dataset", "checkpoint") and now and v:
+                now = Path(now).resolve()
+                v = Path(v).resolve()
+            if k not in RESUMABLE and now != v:
+                k = k.replace("_", "-")
                 raise ConfigError(f"--resume: {path} was trained with --{k} {v}, not {now}; resume with the same flags")
+        done = ckpt["epoch"] >= cfg.epochs or ckpt["step"] >= (cfg.max_steps or math.inf)
+        if done and (metrics := self.out / "metrics.json").exists():
+            raise RunFinished(f"this run has finished ({metrics}); use --eval-only to evaluate it again")
+        return ckpt
+
+    def load(self, ckpt):
+        """--resume: every part (the SWA average too), the RNGs, and the position in training (inside an epoch after
+        --max-steps or Ctrl-C)."""
         for name, part in self.parts().items():
             part.load_state_dict(ckpt[name])
         rng(self.device, ckpt["rng"])
-        self.epoch, self.step, self.batch, self.history, self.best = (ckpt[k] for k in Run.POSITION)
+        for k in Run.POSITION:
+            setattr(self, k, ckpt[k])
 
     def train_step(self, x, y, alpha, beta, grad_sim=False):
         """One step of the method: its attack, its loss, one backward, one SGD step; returns the loss terms."""
@@ -1070,28 +1178,35 @@ class Run:
             for _ in itertools.islice(stream, self.batch):
                 pass
             rng(self.device, states)
-        sums, counts, total = {}, {}, min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
+        sums = self.partial["sums"]  # an epoch cut short and resumed: its record averages all its steps
+        counts = self.partial["counts"]
+        total = min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
         aux = [m.aux for m in self.model.modules() if isinstance(m, SplitBatchNorm2d)] if cfg.bn_stats else []
         main = [m for m in self.model.modules() if type(m) is nn.BatchNorm2d and all(m is not a for a in aux)]
         bn_sets = {k: bns for k, bns in (("main", main), ("aux", aux)) if bns and cfg.bn_stats}
         for x, y in stream:
             terms = self.train_step(x, y, alpha, beta, cfg.grad_sim_every and self.step % cfg.grad_sim_every == 0)
-            self.step, self.batch = self.step + 1, self.batch + 1
+            self.step += 1
+            self.batch += 1
             if self.swa is not None and self.epoch + 1 >= cfg.swa_start and self.step % cfg.swa_every == 0:
                 self.swa.update_parameters(self.model)
             for k, bns in bn_sets.items():  # Fig. 14: how far each running mean moves over the epoch
-                terms |= {f"bn_{k}": (mean := torch.cat([m.running_mean for m in bns])), f"bn_{k}_sq": mean.square()}
+                mean = torch.cat([m.running_mean for m in bns])
+                terms |= {f"bn_{k}": mean, f"bn_{k}_sq": mean.square()}
             for k, v in terms.items():  # summed on the device: the host syncs only at log points
-                sums[k], counts[k] = sums.get(k, 0) + v.detach().double(), counts.get(k, 0) + 1
+                sums[k] = sums.get(k, 0) + v.detach().double()
+                counts[k] = counts.get(k, 0) + 1
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total):
                 means = {k: (sums[k] / counts[k]).item() for k in ("loss", "ce_adv", "inv") if k in sums}
                 shown = " ".join(f"{k} {v:.3f}" for k, v in means.items())
                 where = f"epoch {self.epoch + 1} step {self.batch}/{len(batches)}"
                 print(f"{where} | {shown} | {eta(start[0], self.step - start[1], total - self.step)}", flush=True)
-            if self.step == cfg.max_steps:
+            if self.step == cfg.max_steps or self.stopping:
                 break
         if self.batch == len(batches):
-            self.epoch, self.batch = self.epoch + 1, 0
+            self.epoch += 1
+            self.batch = 0
+            self.partial = {"sums": {}, "counts": {}}
             self.scheduler.step()
         means = {k: v / counts[k] for k, v in sums.items() if k != "cls"}
         for k in bn_sets:  # each running mean's variance over the epoch's steps, averaged over the set's channels
@@ -1100,23 +1215,27 @@ class Run:
 
     def train(self):
         """The epochs: auto-balance (Eq. 8), method steps, evaluation, checkpoints, logs; resumable at any point."""
-        cfg, start = self.cfg, (time.time(), self.step)
+        cfg = self.cfg
+        start = (time.time(), self.step)
         if self.rank == 0:  # under torchrun, rank 0 alone writes, prints and evaluates
             self.out.mkdir(parents=True, exist_ok=True)
-            print(json.dumps(dataclasses.asdict(cfg)), flush=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+            print(self.summary(), flush=True)
             if cfg.tensorboard:
                 try:  # optional: nothing else needs TensorBoard
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
                     raise ConfigError("--tensorboard: TensorBoard is not installed; pip install tensorboard") from None
                 self.writer = SummaryWriter(self.out / "tb")
-        while self.epoch < cfg.epochs and self.step < (cfg.max_steps or math.inf):
-            step, t0 = self.step, time.time()
+        while self.epoch < cfg.epochs and self.step < (cfg.max_steps or math.inf) and not self.stopping:
+            step = self.step
+            t0 = time.time()
             seed = (cfg.seed * 1_000_003 + self.epoch) * 2  # the epoch's order and augmentation, whenever it runs
-            if not self.method.balance:  # no alpha or beta to measure (AT, TRADES, MART, LBGAT)
+            if self.batch:  # resuming inside an epoch: its record so far is replaced, its alpha and beta kept
+                cut = self.history.pop()
+                acc, alpha, beta = (cut.get(k) for k in ("balance_acc", "alpha", "beta"))
+            elif not self.method.balance:  # no alpha or beta to measure (AT, TRADES, MART, LBGAT)
                 acc = alpha = beta = None
-            elif self.batch:  # resuming inside an epoch: the alpha and beta measured at its start
-                acc, alpha, beta = (self.history[-1][k] for k in ("balance_acc", "alpha", "beta"))
             else:  # Eq. 8 with Acc of the model before this epoch (epoch 1 starts near chance, so beta ~ 1 at first)
                 n = math.ceil(cfg.balance_n / cfg.batch_size)  # whole shuffled batches, as released (8 x 128 = 1,024)
                 first = torch.cat(index_batches(self.train_idx, cfg.batch_size, seed + 1)[:n])
@@ -1131,15 +1250,52 @@ class Run:
             if self.rank == 0:
                 self.end_epoch(self.history[-1], t0)
 
+    def summary(self):
+        """What trains how, in a few lines; the full config is in config.json and in every checkpoint."""
+        cfg = self.cfg
+        factor = self.scheduler.lr_lambdas[0]  # per epoch: the schedule of any method, phase by phase
+        phases = [list(p) for _, p in itertools.groupby(range(cfg.epochs), factor)]
+        spans = [f"epoch {p[0] + 1}" if len(p) == 1 else f"epochs {p[0] + 1}-{p[-1] + 1}" for p in phases]
+        lr = ", ".join(f"{cfg.lr * factor(p[0]):.3g} ({span})" for p, span in zip(phases, spans))
+        eps = [f"{v * 255:.4g}/255" if cfg.norm == "linf" else f"{v:.4g}" for v in (cfg.eps, cfg.step_size)]
+        data = f"{cfg.dataset} ({len(self.train_idx)} training images, {self.classes} classes)"
+        sgd = f"{cfg.epochs} epochs, batch {cfg.batch_size}, momentum {cfg.momentum}, weight decay {cfg.weight_decay}"
+        lines = [f"{self.label}: {cfg.arch} on {data}", f"device {self.device}, precision {cfg.amp}", f"SGD: {sgd}"]
+        lines += [f"lr {lr}", f"attack: PGD-{cfg.attack_steps} {cfg.norm} eps {eps[0]} step {eps[1]}"]
+        return "\n".join(lines + [f"out: {self.out} (the full config: config.json)"])
+
+    @contextlib.contextmanager
+    def ctrl_c(self):
+        """The first Ctrl-C ends training after the current step, with last.pt written as --max-steps writes it, and
+        says how to resume; a second one stops at once. Not under torchrun (the processes could stop at different
+        steps), nor where Ctrl-C is ignored (nohup, &)."""
+        handler = signal.getsignal(signal.SIGINT)
+
+        def interrupt(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.stopping = True
+
+        if self.world == 1 and handler is signal.default_int_handler:
+            signal.signal(signal.SIGINT, interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        if self.stopping:
+            where = f"epoch {self.epoch + 1}, step {self.batch}" if self.batch else f"the end of epoch {self.epoch}"
+            raise KeyboardInterrupt(f"{self.out / 'last.pt'} holds {where}: add --resume to the command to go on")
+
     def end_epoch(self, rec, t0):
         """Adds to the epoch's record its test figures (under autocast) and the held-out PGD accuracy that selects
         best.pt (--val-n); then writes the checkpoint first, since on resume it decides where training continues, and
         the log, which only reports."""
-        cfg, final = self.cfg, self.epoch == self.cfg.epochs or self.step == self.cfg.max_steps
+        cfg = self.cfg
+        final = self.epoch == cfg.epochs or self.step == cfg.max_steps
         with_pgd = rec["epoch"] % cfg.eval_every == 0 and not final  # `report` evaluates the final model in fp32
         with self.autocast():
-            rec |= self.measure(self.model, pgd=with_pgd)
-            if cfg.val_n and (with_pgd or final):  # selection on held-out training images, never on test images
+            if not (self.stopping and self.batch):  # Ctrl-C inside an epoch: the checkpoint at once, no evaluation
+                rec |= self.measure(self.model, pgd=with_pgd)
+            if cfg.val_n and (with_pgd or final) and not self.stopping:  # held-out training images, never test images
                 rec["val_pgd_acc"] = evaluate(self.model, self.train_set, self.val_idx, cfg)["robust"]
         if "val_pgd_acc" in rec and (self.best is None or rec["val_pgd_acc"] > self.best["val_pgd_acc"]):
             self.best = {"epoch": rec["epoch"], "val_pgd_acc": rec["val_pgd_acc"]}
@@ -1147,8 +1303,9 @@ class Run:
         state = {k: part.state_dict() for k, part in self.parts().items()} | {k: getattr(self, k) for k in Run.POSITION}
         save_checkpoint(self.state(self.model, **state, rng=rng(self.device)), self.out / "last.pt")
         (self.out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        for k, v in rec.items() if self.writer else ():
-            self.writer.add_scalar(k, v, rec["epoch"]) if isinstance(v, (int, float)) else None
+        for k, v in rec.items():
+            if self.writer is not None and isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, rec["epoch"])
         keys = [*"lr alpha loss acc_adv clean_acc clean_acc_aux".split(), f"pgd{cfg.eval_steps}_acc", "val_pgd_acc"]
         shown = " ".join(f"{k} {rec[k]:.4g}" for k in keys if rec.get(k) is not None)
         print(f"epoch {rec['epoch']}/{cfg.epochs} {shown} ({time.time() - t0:.0f} s)", flush=True)
@@ -1156,11 +1313,13 @@ class Run:
     def measure(self, model, pgd=True, final=False):
         """Test figures of one model: clean accuracy through both BN sets; with `pgd`, PGD accuracy and the feature
         similarity (Table 5); when `final`, PGD through the auxiliary BNs too (Table 8), and AutoAttack (--aa-n)."""
-        cfg, key, label = self.cfg, f"pgd{self.cfg.eval_steps}_acc", pgd and f"PGD-{self.cfg.eval_steps} evaluation"
+        cfg = self.cfg
+        key = f"pgd{cfg.eval_steps}_acc"
+        label = f"PGD-{cfg.eval_steps} evaluation"  # progress lines for the passes that attack
         test = (self.test_set, self.test_idx)
-        r = evaluate(model, *test, cfg, attack=pgd, label=label)
+        r = evaluate(model, *test, cfg, attack=pgd, label=label if pgd else None)
         m = {"clean_acc": r["clean"]} | ({key: r["robust"], "feature_cos_sim": r["cos"]} if pgd else {})
-        aux = evaluate(model, *test, cfg, "aux", final, label=final and label) if cfg.split_bn else {}
+        aux = evaluate(model, *test, cfg, "aux", final, label=label if final else None) if cfg.split_bn else {}
         m |= {"clean_acc_aux": aux.get("clean")} | ({f"{key}_aux": aux.get("robust")} if final else {})
         if final and cfg.aa_n:
             idx = eval_indices(cfg, self.test_set, cfg.aa_n)
@@ -1178,7 +1337,8 @@ class Run:
         """The final evaluation (fp32) of the last model (the paper's protocol), of the SWA model and of best.pt,
         written to metrics.json; then --export: the inference model (main BNs only, Sec. 3.3) as a plain state_dict
         that loads with strict=True into build_model(arch, num_classes, split_bn=False), inputs in [0, 1]."""
-        cfg, key = self.cfg, f"pgd{self.cfg.eval_steps}_acc"
+        cfg = self.cfg
+        key = f"pgd{cfg.eval_steps}_acc"
         self.out.mkdir(parents=True, exist_ok=True)
         models = {"": self.model}
         if self.swa is not None and self.swa.n_averaged > 0:
@@ -1193,7 +1353,7 @@ class Run:
             m = self.measure(model, final=True)
             metrics |= {prefix + k: v for k, v in m.items()}
             aa = f"  AutoAttack {m['aa_acc']:.2f}% on {m['n_aa']}" if cfg.aa_n else ""
-            name = {"": "final", "swa_": "SWA", "best_": f"best (epoch {self.best and self.best['epoch']})"}[prefix]
+            name = {"": "final", "swa_": "SWA"}.get(prefix) or f"best (epoch {self.best['epoch']})"
             print(f"{name}: clean {m['clean_acc']:.2f}%  PGD-{cfg.eval_steps} {m[key]:.2f}%{aa}", flush=True)
         for k in ("grad_sim", "conflict_frac"):  # the run's mean: Table 17's column, Fig. 2b
             if values := [r[k] for r in self.history if k in r]:
@@ -1207,23 +1367,30 @@ class Run:
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"-> {self.out / 'metrics.json'}", flush=True)
         if cfg.export:
+            Path(cfg.export).parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(merge_split_bn(copy.deepcopy(self.model)).state_dict(), Path(cfg.export))
+            print(f"-> {cfg.export} (the inference model: {cfg.arch}, main BNs, {self.classes} classes)", flush=True)
         return metrics
 
     def benchmark(self):
         """--benchmark N: N timed steps of the method after two warm-up steps, on the run's data; writes nothing."""
-        cfg, sync = self.cfg, torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        cfg = self.cfg
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
         batches = index_batches(self.train_idx, cfg.batch_size, cfg.seed, True, (self.rank, self.world))
+        batches = list(itertools.islice(itertools.cycle(batches), cfg.benchmark + 2))
         times = []
-        for x, y in self.train_set.batches(list(itertools.islice(itertools.cycle(batches), cfg.benchmark + 2)), 0):
+        begin = time.time()
+        for i, (x, y) in enumerate(self.train_set.batches(batches, 0), 1):
             sync()
             start = time.perf_counter()
             self.train_step(x, y, 0.5, 0.5)
             sync()
             times.append(time.perf_counter() - start)
+            progress("benchmark: step", i, len(batches), begin)
         step_s = statistics.median(times[2:])
         if self.device.type == "cuda":
-            peak, where = torch.cuda.max_memory_allocated(self.device) / 2**20, torch.cuda.get_device_name(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            where = torch.cuda.get_device_name(self.device)
         else:  # peak RSS, and the CPU: its model and whether it computes bf16 natively decide CPU timings
             info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
             name = re.search(r"model name\s*:\s*(.*)", info)
@@ -1243,7 +1410,8 @@ def run(cfg: Config, method: Method = ARAT, label=None) -> dict:
     if cfg.benchmark:
         return r.benchmark()
     if not cfg.eval_only:
-        r.train()
+        with r.ctrl_c():
+            r.train()
         if r.world > 1:
             dist.barrier()
             dist.destroy_process_group()
@@ -1260,8 +1428,11 @@ def main(cfg: Config, setup=None, prog="arat.py") -> dict:
     except (ConfigError, EvaluationError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 3) from None
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; last.pt holds the last finished epoch: add --resume", file=sys.stderr)
+    except RunFinished as e:
+        print(f"{prog}: {e}", flush=True)
+        return {}
+    except KeyboardInterrupt as e:  # from training, it says where last.pt stands
+        print(f"\n{prog}: interrupted" + (f"; {e}" if e.args else ""), file=sys.stderr)
         raise SystemExit(130) from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # all written: skip the interpreter's teardown, which gloo can
         print(f"{prog}: rank {os.environ['RANK']} done", flush=True)  # abort ("terminate called without an active

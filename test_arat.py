@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import types
@@ -661,7 +662,7 @@ def test_main_smoke_run_of_each_variant_writes_all_outputs(tiny, tmp_path, varia
     flags = ["--variant", variant, "--epochs", "3", "--max-steps", "4", "--grad-sim-every", "1"]
     metrics = arat.main(cli(tiny, tmp_path / variant, *flags))
     out = tmp_path / variant
-    assert {p.name for p in out.iterdir()} == {"log.jsonl", "last.pt", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "log.jsonl", "last.pt", "metrics.json"}
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert {"clean_acc", "pgd3_acc", "n_eval", "feature_cos_sim", "grad_sim", "conflict_frac"} <= set(metrics)
     assert metrics["n_eval"] == 8 and (metrics["pgd3_acc_aux"] is None) == (variant != "v3")
@@ -675,6 +676,15 @@ def test_main_smoke_run_of_each_variant_writes_all_outputs(tiny, tmp_path, varia
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert {"model", "extra", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config"} <= set(ckpt)
     assert ckpt["config"]["variant"] == variant and not any("_orig_mod" in k for k in ckpt["model"])
+    assert json.loads((out / "config.json").read_text()) == ckpt["config"]
+
+
+def test_training_prints_a_short_summary_with_the_lr_of_each_phase(tiny, tmp_path, capsys):
+    arat.main(cli(tiny, tmp_path / "run", "--epochs", "10", "--max-steps", "1", "--lr-drops", "4,9"))
+    out = capsys.readouterr().out
+    assert "lr 0.1 (epochs 1-4), 0.01 (epochs 5-9), 0.001 (epoch 10)\n" in out
+    assert "attack: PGD-2 linf eps 8/255 step 2/255\n" in out
+    assert not any(line.startswith("{") for line in out.splitlines())  # the config is in config.json
 
 
 def test_l2_and_official_quirks_runs_complete_through_main(tiny, tmp_path):
@@ -714,7 +724,65 @@ def test_a_run_stopped_inside_an_epoch_resumes_where_it_stopped(tiny, tmp_path):
     assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["batch"] == 2
     metrics = arat.main(cli(tiny, tmp_path / "split", "--epochs", "3", "--max-steps", "5", "--resume"))
     assert same_tensors(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "split" / "last.pt"))
-    assert metrics["steps"] == 5 and [r["step"] for r in read_log(tmp_path / "split")] == [2, 3, 5]
+    split, straight = read_log(tmp_path / "split"), read_log(tmp_path / "straight")
+    assert metrics["steps"] == 5 and [r["step"] for r in split] == [3, 5]  # one record per epoch
+    assert [r["loss"] for r in split] == [r["loss"] for r in straight]  # averaged over all the epoch's steps
+
+
+def interrupted(flags, after):
+    """Runs arat.py with Ctrl-C's SIGINT sent once a line starting with `after` appears: (exit code, stderr)."""
+    child = subprocess.Popen(
+        [sys.executable, "-u", arat.__file__, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background process inherits it ignored
+    )
+    for line in child.stdout:
+        if line.startswith(after):
+            child.send_signal(signal.SIGINT)
+            break
+    return child.wait(timeout=600), child.stderr.read()
+
+
+def test_ctrl_c_writes_the_mid_epoch_checkpoint_and_resume_ends_as_an_uninterrupted_run(tiny, tmp_path):
+    flags = [*FAST.split(), "--dataset", str(tiny), "--epochs", "1"]
+    code, err = interrupted([*flags, "--out", str(tmp_path / "stopped")], after="epoch 1 step 1/3")
+    ckpt = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
+    assert code == 130 and ckpt["epoch"] == 0 and ckpt["batch"] in (1, 2)  # the step under way is finished
+    where = f"{tmp_path / 'stopped' / 'last.pt'} holds epoch 1, step {ckpt['batch']}"
+    assert err.strip().splitlines()[-1] == f"arat.py: interrupted; {where}: add --resume to the command to go on"
+    arat.main(arat.parse_args([*flags, "--out", str(tmp_path / "stopped"), "--resume"]))
+    arat.main(arat.parse_args([*flags, "--out", str(tmp_path / "straight")]))
+    for key in ("model", "extra"):
+        assert same_tensors(
+            weights(tmp_path / "stopped" / "last.pt", key), weights(tmp_path / "straight" / "last.pt", key)
+        )
+    assert [r["loss"] for r in read_log(tmp_path / "stopped")] == [r["loss"] for r in read_log(tmp_path / "straight")]
+    evaluation = ["--eval-only", "--checkpoint", str(tmp_path / "straight" / "last.pt"), "--eval-steps", "5000"]
+    code, err = interrupted([*FAST.split(), *evaluation], after="loaded")
+    assert code == 130 and err.strip() == "arat.py: interrupted"  # nothing to resume
+
+
+def test_a_moved_run_resumes_and_a_finished_one_is_left_as_it_is(tiny, tmp_path, monkeypatch, capsys):
+    arat.main(cli(tiny, tmp_path / "a", "--epochs", "2", "--max-steps", "2"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").rename(tmp_path / "b" / "moved")
+    monkeypatch.chdir(tmp_path / "b")  # the dataset given by another path to the same folder
+    flags = ["--dataset", os.path.relpath(tiny), "--epochs", "2", "--max-steps", "4", "--eval-n", "100", "--resume"]
+    resumed = arat.main(arat.parse_args([*FAST.split(), "--out", "moved", *flags]))
+    assert resumed["steps"] == 4 and resumed["config"]["out"] == "moved"
+    assert "--eval-n: the test set has 12 images, not 100: all are evaluated" in capsys.readouterr().out
+    metrics = (tmp_path / "b" / "moved" / "metrics.json").read_text()
+    assert arat.main(arat.parse_args([*FAST.split(), "--out", "moved", *flags])) == {}
+    out = capsys.readouterr().out
+    assert out == "arat.py: this run has finished (moved/metrics.json); use --eval-only to evaluate it again\n"
+    assert (tmp_path / "b" / "moved" / "metrics.json").read_text() == metrics
+    with pytest.raises(SystemExit) as exit_info:
+        arat.main(baseline_args(*FAST.split(), "--out", "moved", *flags), baselines.setup, "baselines.py")
+    assert (
+        exit_info.value.code == 2 and "was trained by arat.py: resume it with that command" in capsys.readouterr().err
+    )
 
 
 def test_short_run_learns_an_easy_task_well_above_chance(tmp_path):
@@ -743,6 +811,22 @@ BAD_INPUTS = {
         ["--dataset", "{tiny}", "--out", "{tmp}/run", "--aa-n", "8"],
         "--aa-n: standard AutoAttack needs at least 10 classes",
     ),
+    "abbreviated flag": (["--epoch", "1"], "unrecognized arguments: --epoch 1"),
+    "eps in pixels": (["--eps", "8"], "--eps: an L-inf budget of 8 spans all of [0, 1]; try 8/255"),
+    "eval-eps in pixels": (["--eval-eps", "4"], "--eval-eps: an L-inf budget of 4 spans all of [0, 1]; try 8/255"),
+    "fp16 on a cpu": (["--amp", "fp16", "--device", "cpu"], "--amp fp16: a CPU emulates fp16"),
+    "out is a file": (["--out", "{tmp}/file/run"], "--out: cannot write in {tmp}/file/run: {tmp}/file is not a folder"),
+    "export under a file": (["--export", "{tmp}/file/m.pt"], "--export: cannot write in {tmp}/file: {tmp}/file is not"),
+    "corrupt last.pt": (["--dataset", "{tiny}", "--resume", "--out", "{corrupt}"], "--resume: cannot read {corrupt}/"),
+    "baselines run resumed by arat.py": (
+        ["--dataset", "{tiny}", "--resume", "--out", "{baseline}"],
+        "was trained by baselines.py --method trades: resume it with that command",
+    ),
+    "export without its dataset": (["--eval-only", "--checkpoint", "{export}"], "is an exported model, which does not"),
+    "eval-only with another arch": (
+        ["--eval-only", "--checkpoint", "{export}", "--dataset", "{tiny}", "--arch", "wrn34"],
+        "--arch: {export} holds a resnet18, not a wrn34; leave --arch out",
+    ),
     "unknown layer": (
         ["--dataset", "{tiny}", "--out", "{tmp}/run", "--batch-size", "8", "--layers", "layer4.0.bn9"],
         "--layers: the model has no module 'layer4.0.bn9' (layer4.0.bn2, layer4.0.bn1",
@@ -755,7 +839,18 @@ def test_bad_input_exits_2_with_a_one_line_message(case, tiny, tmp_path, capsys)
     flags, message = BAD_INPUTS[case]
     mixed = write_folder(tmp_path / "mixed", 1, 1, classes=2)
     Image.new("RGB", (20, 16)).save(mixed / "val" / "class1" / "wide.png")
-    flags = [f.format(tmp=tmp_path, tiny=tiny, mixed=mixed) for f in flags]
+    (tmp_path / "file").write_text("")
+    paths = {"tmp": tmp_path, "tiny": tiny, "mixed": mixed, "export": tmp_path / "m.pt"}
+    paths |= {"corrupt": tmp_path / "corrupt", "baseline": tmp_path / "baseline"}
+    for run, truncate in ((paths["corrupt"], True), (paths["baseline"], False)):
+        run.mkdir()
+        torch.save({"config": {"method": "trades"}}, run / "last.pt")
+        if truncate:
+            (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:100])
+    if "{export}" in " ".join(flags):
+        torch.save(arat.build_model("resnet18", 3, split_bn=False).state_dict(), paths["export"])
+    flags = [f.format(**paths) for f in flags]
+    message = message.format(**paths)
     with pytest.raises(SystemExit) as exit_info:
         arat.main(arat.parse_args([*flags, "--workers", "0"]))
     err = capsys.readouterr().err
@@ -766,14 +861,17 @@ def test_bad_input_exits_2_with_a_one_line_message(case, tiny, tmp_path, capsys)
 # ---------------------------------------------------------------------------------------------- evaluation, AutoAttack
 
 
-def test_autoattack_breaks_what_pgd_breaks_and_records_each_attack(tmp_path):
+def test_autoattack_breaks_what_pgd_breaks_and_records_each_attack(tmp_path, capsys):
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(layer4=nn.Flatten(), fc=nn.Linear(3 * 8 * 8, 10)))
     x = torch.rand(16, 3, 8, 8)
     y = model(x).argmax(1)  # 100% clean accuracy by construction
     cfg = arat.resolve(arat.Config(dataset="cifar10", eval_eps=1 / 255, eval_step_size=0.25 / 255, batch_size=8))
     pgd_acc = arat.evaluate(model, Batches(x, y), range(16), cfg, attack=True)
-    aa = arat.autoattack(model, Batches(x, y), range(16), dataclasses.replace(cfg, out=str(tmp_path)))
+    aa = arat.autoattack(model, Batches(x, y), range(16), dataclasses.replace(cfg, out=str(tmp_path)), every=0)
+    out = capsys.readouterr().out  # a line after each attack, and inside attacks (every 0 s here)
+    assert re.search(r"robust accuracy after APGD-CE: [\d.]+% \(total time [\d.]+ s\)", out)
+    assert re.search(r"^AutoAttack: \d+ images through the model in \d+ s$", out, re.M)
     assert 0 < aa["acc"] <= pgd_acc["robust"] < 100  # a budget small enough that some points survive both
     assert aa["package"] in ("autoattack", "pyautoattack") and aa["version"] == "standard" and aa["n"] == 16
     assert aa["eps"] == 1 / 255 and aa["seed"] == 0 and aa["package_version"] != "unknown"
@@ -869,7 +967,7 @@ def test_swa_with_equal_weights_is_the_mean_of_the_snapshots(tiny, tmp_path, mon
         assert torch.allclose(p, torch.stack([s[name] for s in averaged]).mean(0))
 
 
-def test_bn_reestimation_gives_the_exact_statistics_of_its_data_and_leaves_the_attack_passes_out(monkeypatch):
+def test_bn_reestimation_gives_the_exact_statistics_of_its_data_and_leaves_the_attack_passes_out(monkeypatch, capsys):
     model = tiny_model().train()
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,))
 
@@ -882,6 +980,7 @@ def test_bn_reestimation_gives_the_exact_statistics_of_its_data_and_leaves_the_a
     monkeypatch.setattr(arat, "pgd", attack)
     no_autocast = functools.partial(torch.autocast, "cpu", enabled=False)
     arat.reestimate_bn(model, Batches(x, y), range(16), tiny_cfg(batch_size=8), no_autocast)
+    assert re.search(r"^SWA BN statistics: batch 2/2 \| [\d.]+ it/s \| ETA 0:00:00$", capsys.readouterr().out, re.M)
     bn, conv = model.layer4[1], model.layer4[0]
     with torch.no_grad():
         order = torch.cat(arat.index_batches(range(16), 8, seed=0))
@@ -922,17 +1021,25 @@ def test_swa_resumes_with_the_run(tiny, tmp_path, monkeypatch):
     assert a["n_averaged"] == b["n_averaged"] == 3 and same_tensors(a["model"], b["model"])
 
 
-def test_eval_only_reproduces_the_accuracy_the_training_run_reported(tiny, tmp_path):
+def test_eval_only_reproduces_the_accuracy_the_training_run_reported(tiny, tmp_path, capsys):
     trained = arat.main(cli(tiny, tmp_path / "run", "--epochs", "1"))
     flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), *FAST.split()]
+    capsys.readouterr()
     evaluated = arat.main(arat.parse_args(flags))
+    assert capsys.readouterr().out.startswith(
+        f"loaded {tmp_path}/run/last.pt: resnet18, 3 classes, trained to epoch 1\n"
+    )
     for key in ("clean_acc", "pgd3_acc", "clean_acc_aux", "pgd3_acc_aux", "feature_cos_sim"):
         assert evaluated[key] == trained[key], key
     assert (tmp_path / "run" / "eval-last" / "metrics.json").exists()
 
 
-def test_export_loads_strictly_into_the_single_bn_model_with_identical_logits(tiny, tmp_path):
-    arat.main(cli(tiny, tmp_path / "run", "--epochs", "1", "--export", str(tmp_path / "model.pt")))
+def test_export_loads_strictly_into_the_single_bn_model_with_identical_logits(tiny, tmp_path, capsys):
+    arat.main(cli(tiny, tmp_path / "run", "--epochs", "1", "--export", str(tmp_path / "new" / "model.pt")))
+    assert (
+        f"-> {tmp_path}/new/model.pt (the inference model: resnet18, main BNs, 3 classes)\n" in capsys.readouterr().out
+    )
+    (tmp_path / "new" / "model.pt").rename(tmp_path / "model.pt")
     split = arat.build_model("resnet18", 3)
     split.load_state_dict(weights(tmp_path / "run" / "last.pt"))
     plain = arat.build_model("resnet18", 3, split_bn=False)
@@ -945,6 +1052,7 @@ def test_export_loads_strictly_into_the_single_bn_model_with_identical_logits(ti
         )
     )
     assert evaluated["config"]["arch"] == "resnet18" and evaluated["clean_acc_aux"] is None
+    assert capsys.readouterr().out.startswith(f"loaded {tmp_path}/model.pt: resnet18, 3 classes\n")
 
 
 def test_measuring_grad_sim_does_not_change_the_trained_weights(tiny, tmp_path):
@@ -1371,7 +1479,7 @@ def test_each_baseline_trains_two_steps_and_writes_all_outputs(method, tiny, tmp
     args = baseline_args("--dataset", str(tiny), "--out", str(tmp_path / method), *FAST.split(), "--method", method)
     metrics = arat.main(dataclasses.replace(args, max_steps=2), baselines.setup, "baselines.py")
     out = tmp_path / method
-    assert {p.name for p in out.iterdir()} == {"log.jsonl", "last.pt", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "log.jsonl", "last.pt", "metrics.json"}
     assert metrics["method"] == method and read_log(out)[-1]["step"] == 2 and 0 <= metrics["pgd3_acc"] <= 100
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert (len(ckpt["extra"]) > 0) == (method == "lbgat")  # LBGAT's teacher is saved with the model
@@ -1413,6 +1521,7 @@ def test_benchmark_prints_its_timing_line_last_and_writes_nothing(tiny, tmp_path
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"benchmark: method=v3 step_s=[\d.]+ img_s=[\d.]+ peak_mem_mb=\d+", lines[-1]), lines[-1]
     assert "bf16" in lines[-2] and "amp=off" in lines[-2]  # the CPU's bf16 capability and the precision it ran
+    assert re.fullmatch(r"benchmark: step 4/4 \| [\d.]+ it/s \| ETA 0:00:00", lines[-3]), lines[-3]
     assert not (tmp_path / "bench").exists() and len(result["times"]) == 4  # two warm-up steps, two timed
 
 
@@ -1471,11 +1580,18 @@ def test_torchrun_two_processes_resumed_mid_epoch_train_as_one_process_does(cifa
     run(one, 1, "--max-steps", "3")  # into epoch 2: its auto-balance, evaluation and checkpoint included
     assert run(two, 2, "--max-steps", "1").count("arat.py: rank") == 2  # each rank finished; stopped inside epoch 1
     assert run(two, 2, "--max-steps", "3", "--resume").count("arat.py: rank") == 2
-    assert {p.name for p in two.iterdir()} == {"log.jsonl", "last.pt", "metrics.json", "rank0.pt", "rank1.pt"}
+    assert {p.name for p in two.iterdir()} == {
+        "config.json",
+        "log.jsonl",
+        "last.pt",
+        "metrics.json",
+        "rank0.pt",
+        "rank1.pt",
+    }
     rank0, rank1, single = (torch.load(path) for path in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
     assert same_tensors(rank0, rank1)  # DDP keeps the processes' weights identical
     assert all(torch.allclose(rank0[k].double(), single[k].double(), rtol=1e-7, atol=1e-9) for k in single)
-    assert [r["step"] for r in read_log(two)] == [1, 2, 3] and read_log(two)[-1]["clean_acc"] == read_log(one)[-1][
+    assert [r["step"] for r in read_log(two)] == [2, 3] and read_log(two)[-1]["clean_acc"] == read_log(one)[-1][
         "clean_acc"
     ]
 
