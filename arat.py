@@ -674,25 +674,23 @@ class TensorImages:
 
     def __init__(self, dataset, device):
         self.x = torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)  # N x 3 x 32 x 32
-        self.targets, self.classes = list(dataset.targets), dataset.classes
+        self.targets = list(dataset.targets)
         self.y = torch.as_tensor(self.targets, device=device)
 
     def batches(self, index_batches, seed=None):
         """The given batches; augmented when `seed` is given (Sec. 4: random crop after 4 px zero padding, flip)."""
+        device = self.x.device
         if seed is not None:
             g = torch.Generator().manual_seed(seed)
-            n = len(self.targets)
-            device = self.x.device
-            shift = torch.randint(0, 9, (n, 2), generator=g).to(device)
-            flip = torch.rand(n, generator=g).to(device)
-            span = torch.arange(self.x.shape[-1], device=device)
-            channel = torch.arange(3, device=device)[:, None, None]
+            shift = torch.randint(0, 9, (len(self.y), 2), generator=g).to(device)
+            flip = torch.rand(len(self.y), generator=g).to(device)
         for idx in index_batches:
-            idx = idx.to(self.x.device)
+            idx = idx.to(device)
             x = self.x[idx]
             if seed is not None:
-                rows, cols = (shift[idx, i, None] + span for i in (0, 1))
-                batch = torch.arange(len(idx), device=x.device)[:, None, None, None]
+                rows, cols = (shift[idx, i, None] + torch.arange(x.shape[-1], device=device) for i in (0, 1))
+                batch = torch.arange(len(idx), device=device)[:, None, None, None]
+                channel = torch.arange(3, device=device)[:, None, None]
                 x = F.pad(x, (4, 4, 4, 4))[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
                 x = torch.where(flip[idx, None, None, None] < 0.5, x.flip(3), x)
             yield x.to(torch.get_default_dtype()).div(255), self.y[idx]  # float32 unless set otherwise
@@ -708,7 +706,7 @@ class Images:
         self.augmented = copy.copy(dataset)
         self.plain.transform = T.Compose([T.CenterCrop(size), T.ToTensor()])
         self.augmented.transform = T.Compose([T.RandomCrop(size, 4, True), T.RandomHorizontalFlip(), T.ToTensor()])
-        self.targets, self.classes, self.workers, self.device = dataset.targets, dataset.classes, workers, device
+        self.targets, self.workers, self.device = dataset.targets, workers, device
 
     def batches(self, index_batches, seed=None):
         """The given batches, on the device; augmented when `seed` is given, which alone decides the augmentation."""
