@@ -806,8 +806,7 @@ class RunFinished(Exception):
 
 
 def _check_ball(x_adv, x, eps, norm, attack):
-    dist = (x_adv - x).flatten(1)
-    dist = (dist.abs().amax(1) if norm == "linf" else dist.norm(dim=1)).max().item()
+    dist = (x_adv - x).flatten(1).norm(p=math.inf if norm == "linf" else 2, dim=1).max().item()
     if dist > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
         raise EvaluationError(f"{attack}: an example lies {dist:.6g} from its image (eps {eps:.6g}) or off [0, 1]")
 
@@ -861,36 +860,29 @@ def autoattack(model, data, indices, cfg: Config, every=30.0):
     log = logging.getLogger("auto-attack")  # pyautoattack logs here
     path = Path(cfg.out) / "autoattack.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.FileHandler(path, "w"), logging.StreamHandler(sys.stdout)]
-    level = log.level
-    for handler in handlers:
-        log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    seen = {"images": 0, "shown": time.time()}
     start = time.time()
+    seen = {"images": 0, "shown": start}
 
     def tick(module, inputs, output):
         seen["images"] += len(inputs[0])
         if time.time() - seen["shown"] >= every:
             seen["shown"] = time.time()
-            elapsed = time.time() - start
-            print(f"AutoAttack: {seen['images']} images through the model in {elapsed:.0f} s", flush=True)
+            print(f"AutoAttack: {seen['images']} images through the model in {time.time() - start:.0f} s", flush=True)
 
-    hook = model.register_forward_hook(tick)
-    try:
-        with train_mode(model, False):
-            if package.__name__ == "autoattack":  # it prints its progress and appends the same lines to log_path
-                adversary = package.AutoAttack(model, device=x.device, log_path=path, **settings)
-                x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size, return_labels=True)
-            else:
-                adversary = package.AutoAttack(model, device=x.device, **settings)
-                x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=cfg.batch_size)
-    finally:
-        hook.remove()
-        for handler in handlers:
-            log.removeHandler(handler)
-            handler.close()
-        log.setLevel(level)
+    with contextlib.ExitStack() as undo, train_mode(model, False):  # the logger and the model left as found
+        for handler in (logging.FileHandler(path, "w"), logging.StreamHandler(sys.stdout)):
+            log.addHandler(handler)
+            undo.callback(handler.close)
+            undo.callback(log.removeHandler, handler)
+        undo.callback(log.setLevel, log.level)
+        log.setLevel(logging.DEBUG)
+        undo.callback(model.register_forward_hook(tick).remove)
+        if package.__name__ == "autoattack":  # it prints its progress and appends the same lines to log_path
+            adversary = package.AutoAttack(model, device=x.device, log_path=path, **settings)
+            x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size, return_labels=True)
+        else:
+            adversary = package.AutoAttack(model, device=x.device, **settings)
+            x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=cfg.batch_size)
     _check_ball(x_adv, x, cfg.eval_eps, cfg.norm, "AutoAttack")
     try:
         version = importlib.metadata.version(package.__name__)
