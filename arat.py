@@ -1110,8 +1110,12 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.swa = torch.optim.swa_utils.AveragedModel(self.model) if cfg.swa else None  # equal weights
         self.weights = [m.weight for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # Grad-sim
-        if resumed is not None:
-            self.load(resumed)
+        if resumed is not None:  # every part (the SWA average too), the RNGs, and where training is (inside an epoch)
+            for name, part in self.parts().items():
+                part.load_state_dict(resumed[name])
+            rng(self.device, resumed["rng"])
+            for k in Run.POSITION:
+                setattr(self, k, resumed[k])
 
     def parts(self):
         names = ("model", "extra", "optimizer", "scheduler", "scaler") + (("swa",) if self.swa else ())
@@ -1143,15 +1147,6 @@ class Run:
         if done and (metrics := self.out / "metrics.json").exists():
             raise RunFinished(f"this run has finished ({metrics}); use --eval-only to evaluate it again")
         return ckpt
-
-    def load(self, ckpt):
-        """--resume: every part (the SWA average too), the RNGs, and the position in training (inside an epoch after
-        --max-steps or Ctrl-C)."""
-        for name, part in self.parts().items():
-            part.load_state_dict(ckpt[name])
-        rng(self.device, ckpt["rng"])
-        for k in Run.POSITION:
-            setattr(self, k, ckpt[k])
 
     def train_step(self, x, y, alpha, beta, grad_sim=False):
         """One step of the method: its attack, its loss, one backward, one SGD step; returns the loss terms."""
@@ -1266,9 +1261,8 @@ class Run:
 
     @contextlib.contextmanager
     def ctrl_c(self):
-        """The first Ctrl-C ends training after the current step, with last.pt written as --max-steps writes it, and
-        says how to resume; a second one stops at once. Not under torchrun (the processes could stop at different
-        steps), nor where Ctrl-C is ignored (nohup, &)."""
+        """A first Ctrl-C ends training after the current step (last.pt as --max-steps writes it) and says how to
+        resume; a second stops at once. Not under torchrun (ranks could stop apart), nor if it is ignored (nohup, &)."""
         handler = signal.getsignal(signal.SIGINT)
 
         def interrupt(signum, frame):
@@ -1286,9 +1280,8 @@ class Run:
             raise KeyboardInterrupt(f"{self.out / 'last.pt'} holds {where}: add --resume to the command to go on")
 
     def end_epoch(self, rec, t0):
-        """Adds to the epoch's record its test figures (under autocast) and the held-out PGD accuracy that selects
-        best.pt (--val-n); then writes the checkpoint first, since on resume it decides where training continues, and
-        the log, which only reports."""
+        """Adds the test figures (under autocast) and the held-out PGD accuracy that selects best.pt (--val-n) to the
+        epoch's record; writes last.pt before the log: on resume the checkpoint decides where training goes on."""
         cfg = self.cfg
         final = self.epoch == cfg.epochs or self.step == cfg.max_steps
         with_pgd = rec["epoch"] % cfg.eval_every == 0 and not final  # `report` evaluates the final model in fp32
