@@ -674,25 +674,23 @@ class TensorImages:
 
     def __init__(self, dataset, device):
         self.x = torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous().to(device)  # N x 3 x 32 x 32
-        self.targets, self.classes = list(dataset.targets), dataset.classes
+        self.targets = list(dataset.targets)
         self.y = torch.as_tensor(self.targets, device=device)
 
     def batches(self, index_batches, seed=None):
         """The given batches; augmented when `seed` is given (Sec. 4: random crop after 4 px zero padding, flip)."""
+        device = self.x.device
         if seed is not None:
             g = torch.Generator().manual_seed(seed)
-            n = len(self.targets)
-            device = self.x.device
-            shift = torch.randint(0, 9, (n, 2), generator=g).to(device)
-            flip = torch.rand(n, generator=g).to(device)
-            span = torch.arange(self.x.shape[-1], device=device)
-            channel = torch.arange(3, device=device)[:, None, None]
+            shift = torch.randint(0, 9, (len(self.y), 2), generator=g).to(device)
+            flip = torch.rand(len(self.y), generator=g).to(device)
         for idx in index_batches:
-            idx = idx.to(self.x.device)
+            idx = idx.to(device)
             x = self.x[idx]
             if seed is not None:
-                rows, cols = (shift[idx, i, None] + span for i in (0, 1))
-                batch = torch.arange(len(idx), device=x.device)[:, None, None, None]
+                rows, cols = (shift[idx, i, None] + torch.arange(x.shape[-1], device=device) for i in (0, 1))
+                batch = torch.arange(len(idx), device=device)[:, None, None, None]
+                channel = torch.arange(3, device=device)[:, None, None]
                 x = F.pad(x, (4, 4, 4, 4))[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
                 x = torch.where(flip[idx, None, None, None] < 0.5, x.flip(3), x)
             yield x.to(torch.get_default_dtype()).div(255), self.y[idx]  # float32 unless set otherwise
@@ -708,7 +706,7 @@ class Images:
         self.augmented = copy.copy(dataset)
         self.plain.transform = T.Compose([T.CenterCrop(size), T.ToTensor()])
         self.augmented.transform = T.Compose([T.RandomCrop(size, 4, True), T.RandomHorizontalFlip(), T.ToTensor()])
-        self.targets, self.classes, self.workers, self.device = dataset.targets, dataset.classes, workers, device
+        self.targets, self.workers, self.device = dataset.targets, workers, device
 
     def batches(self, index_batches, seed=None):
         """The given batches, on the device; augmented when `seed` is given, which alone decides the augmentation."""
@@ -806,8 +804,7 @@ class RunFinished(Exception):
 
 
 def _check_ball(x_adv, x, eps, norm, attack):
-    dist = (x_adv - x).flatten(1)
-    dist = (dist.abs().amax(1) if norm == "linf" else dist.norm(dim=1)).max().item()
+    dist = (x_adv - x).flatten(1).norm(p=math.inf if norm == "linf" else 2, dim=1).max().item()
     if dist > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
         raise EvaluationError(f"{attack}: an example lies {dist:.6g} from its image (eps {eps:.6g}) or off [0, 1]")
 
@@ -861,36 +858,29 @@ def autoattack(model, data, indices, cfg: Config, every=30.0):
     log = logging.getLogger("auto-attack")  # pyautoattack logs here
     path = Path(cfg.out) / "autoattack.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.FileHandler(path, "w"), logging.StreamHandler(sys.stdout)]
-    level = log.level
-    for handler in handlers:
-        log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    seen = {"images": 0, "shown": time.time()}
     start = time.time()
+    seen = {"images": 0, "shown": start}
 
     def tick(module, inputs, output):
         seen["images"] += len(inputs[0])
         if time.time() - seen["shown"] >= every:
             seen["shown"] = time.time()
-            elapsed = time.time() - start
-            print(f"AutoAttack: {seen['images']} images through the model in {elapsed:.0f} s", flush=True)
+            print(f"AutoAttack: {seen['images']} images through the model in {time.time() - start:.0f} s", flush=True)
 
-    hook = model.register_forward_hook(tick)
-    try:
-        with train_mode(model, False):
-            if package.__name__ == "autoattack":  # it prints its progress and appends the same lines to log_path
-                adversary = package.AutoAttack(model, device=x.device, log_path=path, **settings)
-                x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size, return_labels=True)
-            else:
-                adversary = package.AutoAttack(model, device=x.device, **settings)
-                x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=cfg.batch_size)
-    finally:
-        hook.remove()
-        for handler in handlers:
-            log.removeHandler(handler)
-            handler.close()
-        log.setLevel(level)
+    with contextlib.ExitStack() as undo, train_mode(model, False):  # the logger and the model left as found
+        for handler in (logging.FileHandler(path, "w"), logging.StreamHandler(sys.stdout)):
+            log.addHandler(handler)
+            undo.callback(handler.close)
+            undo.callback(log.removeHandler, handler)
+        undo.callback(log.setLevel, log.level)
+        log.setLevel(logging.DEBUG)
+        undo.callback(model.register_forward_hook(tick).remove)
+        if package.__name__ == "autoattack":  # it prints its progress and appends the same lines to log_path
+            adversary = package.AutoAttack(model, device=x.device, log_path=path, **settings)
+            x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=cfg.batch_size, return_labels=True)
+        else:
+            adversary = package.AutoAttack(model, device=x.device, **settings)
+            x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=cfg.batch_size)
     _check_ball(x_adv, x, cfg.eval_eps, cfg.norm, "AutoAttack")
     try:
         version = importlib.metadata.version(package.__name__)
@@ -1110,8 +1100,12 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.swa = torch.optim.swa_utils.AveragedModel(self.model) if cfg.swa else None  # equal weights
         self.weights = [m.weight for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # Grad-sim
-        if resumed is not None:
-            self.load(resumed)
+        if resumed is not None:  # every part (the SWA average too), the RNGs, and where training is (inside an epoch)
+            for name, part in self.parts().items():
+                part.load_state_dict(resumed[name])
+            rng(self.device, resumed["rng"])
+            for k in Run.POSITION:
+                setattr(self, k, resumed[k])
 
     def parts(self):
         names = ("model", "extra", "optimizer", "scheduler", "scaler") + (("swa",) if self.swa else ())
@@ -1143,15 +1137,6 @@ class Run:
         if done and (metrics := self.out / "metrics.json").exists():
             raise RunFinished(f"this run has finished ({metrics}); use --eval-only to evaluate it again")
         return ckpt
-
-    def load(self, ckpt):
-        """--resume: every part (the SWA average too), the RNGs, and the position in training (inside an epoch after
-        --max-steps or Ctrl-C)."""
-        for name, part in self.parts().items():
-            part.load_state_dict(ckpt[name])
-        rng(self.device, ckpt["rng"])
-        for k in Run.POSITION:
-            setattr(self, k, ckpt[k])
 
     def train_step(self, x, y, alpha, beta, grad_sim=False):
         """One step of the method: its attack, its loss, one backward, one SGD step; returns the loss terms."""
@@ -1266,9 +1251,8 @@ class Run:
 
     @contextlib.contextmanager
     def ctrl_c(self):
-        """The first Ctrl-C ends training after the current step, with last.pt written as --max-steps writes it, and
-        says how to resume; a second one stops at once. Not under torchrun (the processes could stop at different
-        steps), nor where Ctrl-C is ignored (nohup, &)."""
+        """A first Ctrl-C ends training after the current step (last.pt as --max-steps writes it) and says how to
+        resume; a second stops at once. Not under torchrun (ranks could stop apart), nor if it is ignored (nohup, &)."""
         handler = signal.getsignal(signal.SIGINT)
 
         def interrupt(signum, frame):
@@ -1286,9 +1270,8 @@ class Run:
             raise KeyboardInterrupt(f"{self.out / 'last.pt'} holds {where}: add --resume to the command to go on")
 
     def end_epoch(self, rec, t0):
-        """Adds to the epoch's record its test figures (under autocast) and the held-out PGD accuracy that selects
-        best.pt (--val-n); then writes the checkpoint first, since on resume it decides where training continues, and
-        the log, which only reports."""
+        """Adds the test figures (under autocast) and the held-out PGD accuracy that selects best.pt (--val-n) to the
+        epoch's record; writes last.pt before the log: on resume the checkpoint decides where training goes on."""
         cfg = self.cfg
         final = self.epoch == cfg.epochs or self.step == cfg.max_steps
         with_pgd = rec["epoch"] % cfg.eval_every == 0 and not final  # `report` evaluates the final model in fp32
