@@ -1182,7 +1182,8 @@ class Run:
                 sums[k] = sums.get(k, 0) + v.detach().double()
                 counts[k] = counts.get(k, 0) + 1
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.batch == len(batches) or self.step == total):
-                means = {k: (sums[k] / counts[k]).item() for k in ("loss", "ce_adv", "inv") if k in sums}
+                named = ("loss", "ce_adv", self.method.grad_sim[1])  # the method's own regulariser: inv, kl, ...
+                means = {k: (sums[k] / counts[k]).item() for k in named if k in sums}
                 shown = " ".join(f"{k} {v:.3f}" for k, v in means.items())
                 where = f"epoch {self.epoch + 1} step {self.batch}/{len(batches)}"
                 print(f"{where} | {shown} | {eta(start[0], self.step - start[1], total - self.step)}", flush=True)
