@@ -162,15 +162,20 @@ def test_pgd_computes_no_weight_gradients_and_unfreezes_the_weights():
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
-def test_fp16_attack_gradients_do_not_vanish():
-    # A confident classifier: p(wrong) ~ e^-14, so dCE/dlogit ~ 1e-6 and the gradient reaching the conv layer,
-    # ~5e-9, is below half of fp16's smallest subnormal (6e-8): an unscaled fp16 backward returns exact zeros.
+def confident_classifier():
+    """A classifier sure of class 0 on 3x8x8 images (logit 14 against ~0), and a batch of class 0."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
     with torch.no_grad():
         model[2].weight.copy_(torch.tensor([[0.005], [-0.005]]).expand(2, 4 * 8 * 8))
         model[2].bias.copy_(torch.tensor([14.0, 0.0]))
-    x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    return model, torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+
+
+def test_fp16_attack_gradients_do_not_vanish():
+    # A confident classifier: p(wrong) ~ e^-14, so dCE/dlogit ~ 1e-6 and the gradient reaching the conv layer,
+    # ~5e-9, is below half of fp16's smallest subnormal (6e-8): an unscaled fp16 backward returns exact zeros.
+    model, x, y = confident_classifier()
 
     def input_grad():
         x_ = x.clone().requires_grad_(True)
@@ -1435,12 +1440,7 @@ def test_lbgat_teacher_is_the_official_resnet18_cifar_with_layer2_at_stride_1():
 
 def test_fp16_mart_and_at_attacks_scale_their_loss_and_take_full_steps():
     # the confident classifier of test_fp16_attack_gradients_do_not_vanish: unscaled fp16 input gradients are zeros
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
-    with torch.no_grad():
-        model[2].weight.copy_(torch.tensor([[0.005], [-0.005]]).expand(2, 4 * 8 * 8))
-        model[2].bias.copy_(torch.tensor([14.0, 0.0]))
-    x, y = torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    model, x, y = confident_classifier()
     cfg = types.SimpleNamespace(eps=8 / 255, step_size=2 / 255, attack_steps=1, norm="linf", attack_mode="eval")
     for attack in (baselines.mart_attack, baselines.at_attack):
         with torch.autocast("cpu", dtype=torch.float16):
